@@ -1,0 +1,23 @@
+"""keeplora-hf: KeepLoRA++ continual learning for vision-language models, as a PEFT tuner.
+
+Importing this package registers the KEEPLORA peft type, so `get_peft_model(model, KeepLoRAConfig(...))` and
+`PeftModel.from_pretrained` work like for any PEFT method.
+"""
+
+from .export import export_lora
+from .lifecycle import attach_residual_projection, begin_task, end_task, project_lora_A_, protected_basis
+from .tuner import KEEPLORA_PEFT_TYPE, KeepLoRAConfig, KeepLoRAModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KEEPLORA_PEFT_TYPE",
+    "KeepLoRAConfig",
+    "KeepLoRAModel",
+    "attach_residual_projection",
+    "begin_task",
+    "end_task",
+    "export_lora",
+    "project_lora_A_",
+    "protected_basis",
+]

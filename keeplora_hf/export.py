@@ -1,0 +1,94 @@
+"""Export a KeepLoRA++ model as one plain PEFT LoRA adapter that any LoRA consumer loads without keeplora_hf."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+from torch import nn
+
+from .tuner.layer import FinishedTask, layer_state
+from .tuner.model import _tuner_of, keeplora_layers
+
+
+def export_lora(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the model's whole change to its pre-trained weights as a plain LoRA adapter in `path`.
+
+    Each finished task is a rank-r update `s_l * B_t @ A_t`; stacking them gives one LoRA of rank `k * r` per layer
+    (plus the task under way, if any). Its plain-LoRA scaling `alpha_l / (k r)` equals `s_l` through a per-layer
+    `alpha_pattern`, so the adapter applied to the *original* base model reproduces this model's outputs.
+    """
+    tuner = _tuner_of(getattr(model, "module", model))
+    adapter = tuner.keeplora_adapter()
+    config = tuner.peft_config[adapter]
+    layers = keeplora_layers(tuner.model, adapter)
+    if config.modules_to_save:
+        raise ValueError(
+            "export_lora: modules_to_save are not part of a plain LoRA export yet; save the KEEPLORA adapter instead"
+        )
+
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    ranks = set()
+    for name, module in layers.items():
+        updates = _updates(module, adapter)
+        reference = next((u.scaling for u in updates if u.scaling != 0), 1.0)
+        lora_a = torch.cat([u.lora_A for u in updates])
+        lora_b = torch.cat([u.lora_B * (u.scaling / reference) for u in updates], dim=1)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b.contiguous()
+        pattern = re.escape(name)
+        rank_pattern[pattern] = lora_a.shape[0]
+        alpha_pattern[pattern] = reference * lora_a.shape[0]
+        ranks.add(lora_a.shape[0])
+
+    plain = LoraConfig(
+        r=max(ranks),
+        lora_alpha=config.lora_alpha,
+        target_modules=sorted(layers),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        lora_dropout=config.lora_dropout,
+        bias="none",
+        task_type=config.task_type,
+        base_model_name_or_path=config.base_model_name_or_path,
+        revision=config.revision,
+    )
+    return _write_atomically(Path(path), plain, tensors)
+
+
+def _updates(module: nn.Module, adapter: str) -> list[FinishedTask]:
+    """The layer's finished tasks, then the task under way when it has moved away from zero."""
+    updates = list(layer_state(module, adapter).tasks)
+    lora_b = module.lora_B[adapter].weight
+    if bool(lora_b.detach().abs().sum() > 0):
+        current = FinishedTask(module.lora_A[adapter].weight.detach().float(), lora_b.detach().float(), float(module.scaling[adapter]))
+        updates.append(current)
+    if not updates:  # nothing learned yet: an all-zero adapter of the configured rank
+        updates.append(FinishedTask(torch.zeros_like(module.lora_A[adapter].weight).float(), lora_b.detach().float() * 0, 1.0))
+    return [FinishedTask(u.lora_A.cpu(), u.lora_B.cpu(), u.scaling) for u in updates]
+
+
+def _write_atomically(path: Path, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        config.save_pretrained(str(staging))
+        save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(staging / "adapter_config.json") as f:
+            json.load(f)  # fail here, not in the consumer, if the config did not serialise
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,172 @@
+"""Passes over a task's data that collect what the subspace math needs, through hooks on the target layers.
+
+Only per-layer statistics are kept, never a copy of the model: weight gradients are folded into their statistic and
+freed as soon as autograd produces each one, so at most one layer's full gradient exists at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from tqdm.auto import tqdm
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """`model(**batch).loss`, with an error that says what to do when the batch carries no labels."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batches must be dicts of model inputs, got {type(batch).__name__}; or pass loss_fn")
+    output = model(**batch)
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if loss is None:
+        raise ValueError("model(**batch) returned no loss: give the batches `labels` (or `return_loss`), or pass loss_fn")
+    return loss
+
+
+def task_batches(dataloader: Iterable, ratio: float, max_batches: int | None) -> Iterator[Any]:
+    """The first `max_batches` batches, or the first `ceil(ratio * len)` when no count is given."""
+    if max_batches is None:
+        try:
+            total = len(dataloader)  # type: ignore[arg-type]
+        except TypeError:
+            raise ValueError("the dataloader has no length; pass max_batches to say how many batches to use") from None
+        max_batches = max(1, math.ceil(ratio * total))
+    if max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    for index, batch in enumerate(dataloader):
+        if index >= max_batches:
+            return
+        yield batch
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over data-parallel ranks (a no-op in one process), so every rank derives the same subspaces."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def weight_gradient_pass(
+    model: nn.Module,
+    layers: dict[str, LoraLayer],
+    batches: Iterable[Any],
+    loss_fn: LossFn,
+    on_gradient: Callable[[str, torch.Tensor], None],
+    *,
+    description: str,
+) -> int:
+    """Backpropagate each batch's loss to the base weights of `layers` only, handing each gradient to `on_gradient`.
+
+    Every other parameter is frozen for the pass and restored after it, whatever happens. Returns the batch count.
+    """
+    flags = {p: p.requires_grad for p in model.parameters()}
+    handles = []
+    device = _model_device(model)
+    was_training = model.training
+    count = 0
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        for name, module in layers.items():
+            weight = module.get_base_layer().weight
+            weight.requires_grad_(True)
+
+            def hook(param: torch.Tensor, name: str = name) -> None:
+                on_gradient(name, param.grad)
+                param.grad = None
+
+            handles.append(weight.register_post_accumulate_grad_hook(hook))
+        model.eval()
+        for batch in tqdm(batches, desc=description, leave=False, disable=not _is_main_process()):
+            loss = loss_fn(model, move_to(batch, device))
+            loss.backward()
+            count += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            if not flag:
+                p.grad = None
+        model.train(was_training)
+    return count
+
+
+def input_feature_pass(
+    model: nn.Module,
+    layers: dict[str, LoraLayer],
+    batches: Iterable[Any],
+    on_input: Callable[[str, torch.Tensor], None],
+    *,
+    description: str,
+) -> tuple[int, dict[str, str]]:
+    """Forward each batch and hand each target's input rows to `on_input`.
+
+    Layers fed the very same tensor (q, k, v; gate, up) are seen once: the returned map sends each such layer to the
+    layer whose statistic it shares. Returns the batch count and that map.
+    """
+    shared: dict[str, str] = {}
+    last: dict[str, Any] = {"input": None, "owner": None, "batch": 0}
+    handles = []
+    device = _model_device(model)
+    was_training = model.training
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs["x"]
+            owner = last["owner"] if x is last["input"] else None
+            if last["batch"] == 0 and owner is not None:
+                shared[name] = owner
+            elif shared.get(name) != owner:
+                raise RuntimeError(
+                    f"{name} shared its input with {shared.get(name)} in the first batch but not later; "
+                    "KeepLoRA's feature statistics assume a fixed routing of inputs to target layers"
+                )
+            if owner is None:
+                last["input"], last["owner"] = x, name
+                on_input(name, x)
+
+        return hook
+
+    count = 0
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_pre_hook(make_hook(name), with_kwargs=True))
+        model.eval()
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=description, leave=False, disable=not _is_main_process()):
+                batch = move_to(batch, device)
+                model(**batch) if isinstance(batch, Mapping) else model(batch)
+                last["input"] = None
+                last["batch"] += 1
+                count += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return count, shared
+
+
+def _is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -1,0 +1,208 @@
+"""`KeepLoRAModel`: LoRA layers on `nn.Linear` targets, with KeepLoRA++'s layer scales and continual state."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft.tuners.lora import LoraLayer, LoraModel
+from torch import nn
+
+from .layer import FinishedTask, KeepLoRALayerState, apply_delta_, has_layer_state, layer_scales, layer_state
+from .registration import KEEPLORA_PEFT_TYPE
+
+STATE_KEY = "keeplora_state"
+_FSDP_PREFIX = "_fsdp_wrapped_module."
+
+
+class TaskProgress:
+    """Where an adapter stands in its task sequence: finished tasks, and whether a task is under way."""
+
+    def __init__(self, task_index: int = 0, in_task: bool = False) -> None:
+        self.task_index = task_index
+        self.in_task = in_task
+
+
+class KeepLoRAModel(LoraModel):
+    """The KEEPLORA tuner. Training-time behaviour lives in `keeplora_hf.lifecycle`; this class owns the layers.
+
+    LoRA's layers are reused unchanged: the layer scale `s_l` is folded into each layer's `scaling`, `lora_A` is
+    frozen unless `train_lora_A`, and the per-layer `KeepLoRALayerState` rides along on the layer.
+    """
+
+    prefix: str = "lora_"
+
+    def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        base = target.get_base_layer() if isinstance(target, LoraLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise ValueError(
+                f"KeepLoRA targets must be nn.Linear layers, but {current_key!r} is {type(base).__name__}. "
+                "Narrow target_modules to linear projections."
+            )
+        super()._create_and_replace(lora_config, adapter_name, target, target_name, parent, current_key, **kwargs)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}
+        scales = layer_scales(model, list(layers), config.layer_scale_gamma)
+        for name, module in layers.items():
+            module.set_scale(adapter_name, scales[name])
+            with torch.no_grad():
+                module.lora_A[adapter_name].weight.zero_()
+                module.lora_B[adapter_name].weight.zero_()
+            layer_state(module, adapter_name)
+        self.__dict__.setdefault("keeplora_progress", {})[adapter_name] = TaskProgress()
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        for adapter_name, config in self.peft_config.items():
+            for module in model.modules():
+                if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+                    module.lora_A[adapter_name].weight.requires_grad_(config.train_lora_A)
+
+    def keeplora_adapter(self) -> str:
+        """The one active adapter that a task sequence trains; KeepLoRA does not mix adapters."""
+        active = self.active_adapters
+        if len(active) != 1:
+            raise ValueError(f"KeepLoRA needs exactly one active adapter, got {active}")
+        return active[0]
+
+    def progress(self, adapter_name: str) -> TaskProgress:
+        return self.keeplora_progress[adapter_name]
+
+    # -- saving and loading the continual state with the adapter ------------------------------------------------
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        to_return.update(continual_state_dict(model, adapter_name))
+        return to_return
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        continual = {k: v for k, v in state_dict.items() if STATE_KEY in k}
+        rest = {k: v for k, v in state_dict.items() if STATE_KEY not in k}
+        load_continual_state(model, adapter_name, continual)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, rest)
+
+
+def _tuner_of(model: nn.Module) -> KeepLoRAModel:
+    if isinstance(model, KeepLoRAModel):
+        return model
+    tuner = getattr(model, "base_model", None)
+    if isinstance(tuner, KeepLoRAModel):
+        return tuner
+    raise TypeError(f"expected a model wrapped with a KeepLoRAConfig, got {type(model).__name__}")
+
+
+def keeplora_layers(model: nn.Module, adapter_name: str) -> dict[str, LoraLayer]:
+    """The targeted layers, named as in `model.named_modules()` (FSDP's wrapper prefix removed)."""
+    return {
+        name.replace(_FSDP_PREFIX, ""): module
+        for name, module in model.named_modules()
+        if has_layer_state(module, adapter_name)
+    }
+
+
+def continual_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Flat tensors of the whole continual state, keyed `<layer>.keeplora_state.<field>`, for safetensors."""
+    progress = _tuner_of(model).progress(adapter_name)
+    tensors = {
+        f"{STATE_KEY}.task_index": torch.tensor([progress.task_index], dtype=torch.int64),
+        f"{STATE_KEY}.in_task": torch.tensor([int(progress.in_task)], dtype=torch.int64),
+    }
+    for name, module in keeplora_layers(model, adapter_name).items():
+        state = layer_state(module, adapter_name)
+        prefix = f"{name}.{STATE_KEY}"
+        if state.principal is not None:
+            tensors[f"{prefix}.principal"] = state.principal.detach().cpu().contiguous()
+        if state.memory is not None:
+            tensors[f"{prefix}.memory"] = state.memory.detach().cpu().contiguous()
+        for t, task in enumerate(state.tasks):
+            tensors[f"{prefix}.task{t}.lora_A"] = task.lora_A.detach().cpu().contiguous()
+            tensors[f"{prefix}.task{t}.lora_B"] = task.lora_B.detach().cpu().contiguous()
+            tensors[f"{prefix}.task{t}.scaling"] = torch.tensor([task.scaling], dtype=torch.float64)
+    return tensors
+
+
+_LAYER_KEY = re.compile(rf"^(?P<layer>.+)\.{STATE_KEY}\.(?P<field>principal|memory|task(?P<task>\d+)\.(?P<part>lora_A|lora_B|scaling))$")
+
+
+def load_continual_state(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Install a saved continual state and re-merge its finished tasks into the base weights.
+
+    Everything is checked against the model before anything is changed, so a mismatched state leaves the model as
+    it was.
+    """
+    if not tensors:
+        return
+    tuner = _tuner_of(model)
+    layers = keeplora_layers(model, adapter_name)
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
+    task_index = in_task = None
+    for key, value in tensors.items():
+        if key.endswith(f"{STATE_KEY}.task_index"):
+            task_index = int(value.item())
+            continue
+        if key.endswith(f"{STATE_KEY}.in_task"):
+            in_task = bool(value.item())
+            continue
+        match = _LAYER_KEY.match(key)
+        if match is None:
+            raise ValueError(f"unrecognised KeepLoRA state entry {key!r} in the saved adapter")
+        by_layer.setdefault(match["layer"], {})[key[len(match["layer"]) + len(STATE_KEY) + 2 :]] = value
+    if task_index is None or in_task is None:
+        raise ValueError("the saved adapter's KeepLoRA state lacks task_index / in_task: the file is incomplete")
+
+    unknown = sorted(set(by_layer) - set(layers))
+    if unknown:
+        raise ValueError(f"the saved KeepLoRA state names layers this model lacks: {unknown[:5]}")
+    new_states = {}
+    for name, module in layers.items():
+        if layer_state(module, adapter_name).tasks:
+            raise ValueError(f"{name} already holds merged KeepLoRA tasks; load the adapter into a fresh base model")
+        new_states[name] = _parse_layer_state(name, module, by_layer.get(name, {}), task_index)
+
+    for name, module in layers.items():
+        state = new_states[name]
+        weight = module.get_base_layer().weight
+        with torch.no_grad():
+            for task in state.tasks:
+                apply_delta_(weight, task.delta())
+        device = weight.device
+        state.principal = None if state.principal is None else state.principal.to(device)
+        state.memory = None if state.memory is None else state.memory.to(device)
+        module.__dict__["keeplora_state"][adapter_name] = state
+    tuner.keeplora_progress[adapter_name] = TaskProgress(task_index, in_task)
+
+
+def _parse_layer_state(name: str, module: LoraLayer, fields: dict[str, torch.Tensor], task_index: int) -> KeepLoRALayerState:
+    base = module.get_base_layer()
+    d_in, d_out = base.in_features, base.out_features
+    state = KeepLoRALayerState(principal=fields.get("principal"), memory=fields.get("memory"))
+    for key in ("principal", "memory"):
+        basis = getattr(state, key)
+        if basis is not None and (basis.ndim != 2 or basis.shape[0] != d_in):
+            raise ValueError(
+                f"saved KeepLoRA {key} basis of {name} has shape {tuple(basis.shape)}, but the layer has d_in={d_in}: "
+                "the adapter was saved from a different base model"
+            )
+    for t in range(task_index):
+        try:
+            lora_a, lora_b = fields[f"task{t}.lora_A"], fields[f"task{t}.lora_B"]
+            scaling = float(fields[f"task{t}.scaling"].item())
+        except KeyError as missing:
+            raise ValueError(f"saved KeepLoRA state of {name} lacks {missing} for finished task {t}") from None
+        if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_a.shape[1] != d_in or lora_b.shape[0] != d_out or lora_a.shape[0] != lora_b.shape[1]:
+            raise ValueError(
+                f"saved task {t} of {name} has lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)}, which "
+                f"do not fit a ({d_out}, {d_in}) weight: the adapter was saved from a different base model"
+            )
+        state.tasks.append(FinishedTask(lora_a.float(), lora_b.float(), scaling))
+    if task_index > 0 and state.principal is None:
+        raise ValueError(f"saved KeepLoRA state of {name} lacks its principal basis after {task_index} tasks")
+    return state
+
+
+__all__ = ["KEEPLORA_PEFT_TYPE", "KeepLoRAModel", "TaskProgress", "keeplora_layers"]
