@@ -128,7 +128,7 @@ def _task_feature_covariances(
     batches = task_batches(dataloader, config.gradient_data_ratio, max_batches)
     if config.feature_source == "activations":
         count, shared = input_feature_pass(
-            model, layers, batches, lambda name, x: stats[name].update(x), description="KeepLoRA feature memory"
+            model, layers, batches, loss_fn, lambda name, x: stats[name].update(x), description="KeepLoRA feature memory"
         )
     else:
         count = weight_gradient_pass(

@@ -117,11 +117,13 @@ def input_feature_pass(
     model: nn.Module,
     layers: dict[str, LoraLayer],
     batches: Iterable[Any],
+    loss_fn: LossFn,
     on_input: Callable[[str, torch.Tensor], None],
     *,
     description: str,
 ) -> tuple[int, dict[str, str]]:
-    """Forward each batch and hand each target's input rows to `on_input`.
+    """Run each batch forward (through `loss_fn`, which knows how to call the model) and hand each target's input rows
+    to `on_input`.
 
     Layers fed the very same tensor (q, k, v; gate, up) are seen once: the returned map sends each such layer to the
     layer whose statistic it shares. Returns the batch count and that map.
@@ -156,8 +158,7 @@ def input_feature_pass(
         model.eval()
         with torch.no_grad():
             for batch in tqdm(batches, desc=description, leave=False, disable=not _is_main_process()):
-                batch = move_to(batch, device)
-                model(**batch) if isinstance(batch, Mapping) else model(batch)
+                loss_fn(model, move_to(batch, device))
                 last["input"] = None
                 last["batch"] += 1
                 count += 1

@@ -28,10 +28,11 @@ def residual_directions(gradient: torch.Tensor, protected: torch.Tensor, rank: i
     protected = protected.to(COMPUTE_DTYPE)
     residual = project_out(gradient.to(COMPUTE_DTYPE), protected)
     _, singular, vh = torch.linalg.svd(residual, full_matrices=False)
-    tolerance = singular.max().clamp_min(torch.finfo(COMPUTE_DTYPE).tiny) * max(residual.shape) * 1e-12
-    informative = min(rank, int((singular > tolerance).sum()))
-    rows = [vh[:informative]]
+    # bases are stored in float32, so anything below ~1e-6 of the top singular value is rounding, not signal
+    tolerance = singular.max().clamp_min(torch.finfo(COMPUTE_DTYPE).tiny) * 1e-6
     residual_dim = d_in - protected.shape[1]
+    informative = min(rank, residual_dim, int((singular > tolerance).sum()))
+    rows = [vh[:informative]]
     missing = min(rank, residual_dim) - informative
     if missing > 0:
         rows.append(_complement(torch.cat([protected, vh[:informative].T], dim=1), missing))
