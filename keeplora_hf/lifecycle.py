@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -72,6 +73,7 @@ def begin_task(
     if missing:
         raise RuntimeError(f"begin_task: the loss does not depend on these targets, so no gradient reached them: {missing[:5]}")
 
+    cramped: dict[str, int] = {}
     total = float(all_reduce_sum_(torch.tensor([float(count)], device=next(iter(gradients.values())).device)).item())
     for name, module in layers.items():
         state = layer_state(module, adapter)
@@ -80,12 +82,23 @@ def begin_task(
             state.principal = principal_basis(weight, config.principal_energy).to(BASIS_DTYPE)
             state.memory = torch.zeros(weight.shape[1], 0, dtype=BASIS_DTYPE, device=weight.device)
         gradient = all_reduce_sum_(gradients.pop(name)) / total
-        rows = residual_directions(gradient, state.protected(), module.r[adapter], name=name)
+        protected = state.protected()
+        if weight.shape[1] - protected.shape[1] < module.r[adapter]:
+            cramped[name] = weight.shape[1] - protected.shape[1]
+        rows = residual_directions(gradient, protected, module.r[adapter])
         lora_A = module.lora_A[adapter].weight
         with torch.no_grad():
             lora_A.copy_(rows.to(lora_A.dtype))
         lora_A.requires_grad_(config.train_lora_A)
         module.lora_B[adapter].weight.requires_grad_(True)
+    if cramped:
+        shown = ", ".join(f"{name} ({dim})" for name, dim in list(cramped.items())[:5])
+        warnings.warn(
+            f"{len(cramped)} target layers have a residual subspace smaller than r, so the missing rows of their lora_A "
+            f"are zero and they learn with a lower rank: {shown}{', ...' if len(cramped) > 5 else ''}. Lower "
+            "principal_energy or feature_energy to give them more room.",
+            stacklevel=2,
+        )
     progress.in_task = True
     logger.info("KeepLoRA: began task %d on %d target layers (%d batches)", progress.task_index, len(layers), count)
 
@@ -143,8 +156,9 @@ def _task_feature_covariances(
     if count == 0:
         raise ValueError("end_task: the dataloader yielded no batches")
     owners = {name: shared.get(name, name) for name in layers}
-    for name in set(owners.values()):
-        all_reduce_sum_(stats[name].covariance)
+    for name, owner in owners.items():  # in module order: every rank must reduce the same tensors in the same order
+        if owner == name:
+            all_reduce_sum_(stats[name].covariance)
     return {name: stats[owner].covariance for name, owner in owners.items()}
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .principal import COMPUTE_DTYPE
@@ -17,12 +15,12 @@ def project_out(matrix: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return matrix - (matrix @ basis) @ basis.T
 
 
-def residual_directions(gradient: torch.Tensor, protected: torch.Tensor, rank: int, *, name: str = "") -> torch.Tensor:
+def residual_directions(gradient: torch.Tensor, protected: torch.Tensor, rank: int) -> torch.Tensor:
     """The top-`rank` right singular vectors of `gradient (I - P P^T)`, as the rows of `A` (`rank x d_in`).
 
     They are the best rank-`rank` orthonormal rows under `A P = 0`. Where the residual gradient has fewer than `rank`
     non-zero singular values, the rows are completed with other residual directions; where the residual subspace
-    itself is smaller than `rank`, the missing rows are zero (and a warning says so), so `A P = 0` always holds.
+    itself is smaller than `rank`, the missing rows are zero, so `A P = 0` always holds.
     """
     d_in = gradient.shape[1]
     protected = protected.to(COMPUTE_DTYPE)
@@ -37,12 +35,6 @@ def residual_directions(gradient: torch.Tensor, protected: torch.Tensor, rank: i
     if missing > 0:
         rows.append(_complement(torch.cat([protected, vh[:informative].T], dim=1), missing))
     if rank > residual_dim:
-        warnings.warn(
-            f"{name or 'layer'}: the residual subspace has {residual_dim} dimensions, fewer than r={rank}; the last "
-            f"{rank - residual_dim} rows of lora_A are zero, so that layer learns with rank {residual_dim}. Lower "
-            "principal_energy or feature_energy to give it more room.",
-            stacklevel=3,
-        )
         rows.append(torch.zeros(rank - residual_dim, d_in, dtype=COMPUTE_DTYPE, device=gradient.device))
     return project_out(torch.cat(rows), protected)
 

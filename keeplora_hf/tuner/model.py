@@ -158,23 +158,34 @@ def load_continual_state(model: nn.Module, adapter_name: str, tensors: dict[str,
     unknown = sorted(set(by_layer) - set(layers))
     if unknown:
         raise ValueError(f"the saved KeepLoRA state names layers this model lacks: {unknown[:5]}")
-    new_states = {}
+    new_states = {name: _parse_layer_state(name, m, by_layer.get(name, {}), task_index) for name, m in layers.items()}
     for name, module in layers.items():
-        if layer_state(module, adapter_name).tasks:
-            raise ValueError(f"{name} already holds merged KeepLoRA tasks; load the adapter into a fresh base model")
-        new_states[name] = _parse_layer_state(name, module, by_layer.get(name, {}), task_index)
+        merged = layer_state(module, adapter_name).tasks
+        if merged and not _same_history(merged, new_states[name].tasks[: len(merged)]):
+            raise ValueError(
+                f"{name} already holds merged KeepLoRA tasks that differ from the saved ones; load the adapter into "
+                "a fresh base model"
+            )
 
     for name, module in layers.items():
         state = new_states[name]
         weight = module.get_base_layer().weight
+        already = len(layer_state(module, adapter_name).tasks)  # e.g. a Trainer resuming inside the next task
         with torch.no_grad():
-            for task in state.tasks:
+            for task in state.tasks[already:]:
                 apply_delta_(weight, task.delta())
         device = weight.device
         state.principal = None if state.principal is None else state.principal.to(device)
         state.memory = None if state.memory is None else state.memory.to(device)
         module.__dict__["keeplora_state"][adapter_name] = state
     tuner.keeplora_progress[adapter_name] = TaskProgress(task_index, in_task)
+
+
+def _same_history(merged: list[FinishedTask], saved: list[FinishedTask]) -> bool:
+    return len(merged) == len(saved) and all(
+        torch.equal(a.lora_A.cpu(), b.lora_A) and torch.equal(a.lora_B.cpu(), b.lora_B) and a.scaling == b.scaling
+        for a, b in zip(merged, saved)
+    )
 
 
 def _parse_layer_state(name: str, module: LoraLayer, fields: dict[str, torch.Tensor], task_index: int) -> KeepLoRALayerState:

@@ -26,7 +26,7 @@ def test_non_linear_target_is_named():
 
 def test_residual_smaller_than_rank_warns_and_stays_exact():
     model, batches, _ = wrap("llava", principal_energy=1.0)  # every direction of a full-rank weight is protected
-    with pytest.warns(UserWarning, match="fewer than r=4"):
+    with pytest.warns(UserWarning, match="residual subspace smaller than r"):
         begin_task(model, batches)
     for name, module in targets(model).items():
         lora_A = module.lora_A["default"].weight

@@ -1,0 +1,69 @@
+"""Atomic writes: a reader (a resumed run) sees a file or directory whole, or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from transformers.trainer_callback import TrainerState
+
+STAGING_PREFIX = ".staging-"
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a staging directory beside `final` and rename it into place only if the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f"{STAGING_PREFIX}{final.name}.*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while writing
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}.", dir=final.parent))
+    try:
+        yield staging
+        _fsync_tree(staging)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as f:
+            json.dump(payload, f, indent=2, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def complete_trainer_checkpoint(path: Path) -> bool:
+    """A Trainer checkpoint is whole once its `trainer_state.json` (written last) parses."""
+    try:
+        TrainerState.load_from_json(str(path / "trainer_state.json"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _fsync_tree(root: Path) -> None:
+    for file in root.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())

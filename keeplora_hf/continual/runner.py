@@ -1,0 +1,359 @@
+"""The task-sequence runner: begin, train, end and evaluate every task, with checkpoints and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from accelerate import PartialState
+from peft import PeftModel
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..trainer import KeepLoRATrainer
+from ..tuner.model import _tuner_of
+from .checkpoint import atomic_directory, atomic_write_json, complete_trainer_checkpoint, read_json
+from .metrics import compute_all
+from .report import terminal_summary, write_report
+
+logger = logging.getLogger(__name__)
+
+Metric = Callable[[nn.Module, Any], float]
+RUN_FILE = "run.json"
+
+
+@dataclass
+class ContinualTask:
+    """One task of a sequence: data to learn from, data to be judged on, and how to judge (accuracy in [0, 1])."""
+
+    name: str
+    train_dataset: Any
+    eval_dataset: Any
+    metric: Metric
+
+
+@dataclass
+class GeneralSet:
+    """A held-out set of what the pre-trained model already knew; never trained on, evaluated after every task."""
+
+    name: str
+    eval_dataset: Any
+    metric: Metric
+
+
+class ContinualRunner:
+    """Runs a task sequence on a fresh KEEPLORA `PeftModel` and writes everything to `output_dir`.
+
+    Layout of `output_dir`: `run.json` (what the run is, to refuse mixing runs), `row_000.json` (the model before
+    any task), `tasks/NNN_<name>/` (the adapter after task NNN with its continual state, and `row.json`, its
+    accuracy row), `trainer/NNN_<name>/` (the Trainer's own mid-task checkpoints and TensorBoard logs), then
+    `results.json`, the plots and `report.md`. Every directory and JSON file is written atomically, so running the
+    same command again after an interruption continues from the last completed step and never trusts a half write.
+    """
+
+    def __init__(
+        self,
+        model: PeftModel,
+        tasks: Sequence[ContinualTask],
+        args: TrainingArguments,
+        output_dir: str | Path,
+        *,
+        general_sets: Sequence[GeneralSet] = (),
+        data_collator: Callable | None = None,
+        method: str = "keeplora++",
+        run_config: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        trainer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.tasks = list(tasks)
+        self.general_sets = list(general_sets)
+        self.args = args
+        self.output_dir = Path(output_dir)
+        self.data_collator = data_collator
+        self.method = method
+        self.trainer_kwargs = trainer_kwargs or {}
+        self.state = PartialState()
+        self.tuner = _tuner_of(model)
+        self.adapter = self.tuner.keeplora_adapter()
+        _validate_tasks(self.tasks, self.general_sets)
+        self.run_config = self._describe(run_config or {})
+        self._claim_output_dir(overwrite)
+
+    # -- public -----------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Learn every task not yet learned, evaluate after each, and return (and write) the results."""
+        rows = self._resume()
+        if 0 not in rows:
+            rows[0] = self._evaluate_row(0, {})
+            self._write_json(self.output_dir / "row_000.json", rows[0])
+        for index, task in enumerate(self.tasks, start=1):
+            if index in rows:
+                continue
+            timings = self._learn(index, task)
+            rows[index] = self._evaluate_row(index, timings)
+            self._write_json(self._task_dir(index) / "row.json", rows[index])
+        results = self._results(rows)
+        if self.state.is_main_process:
+            write_report(results, self.output_dir)
+            print(terminal_summary(results))
+        self.state.wait_for_everyone()
+        return results
+
+    # -- one task ---------------------------------------------------------------------------------------------
+
+    def _learn(self, index: int, task: ContinualTask) -> dict[str, float]:
+        trainer_dir = self.output_dir / "trainer" / self._slug(index)
+        args = dataclasses.replace(self.args, output_dir=str(trainer_dir))
+        trainer = KeepLoRATrainer(
+            model=self.model,
+            args=args,
+            train_dataset=task.train_dataset,
+            data_collator=self.data_collator,
+            **self.trainer_kwargs,
+        )
+        checkpoint = _last_complete_checkpoint(trainer_dir)
+        if checkpoint is not None:
+            logger.info("task %s: resuming from the Trainer checkpoint %s", task.name, checkpoint)
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        train_s = time.perf_counter() - start
+        start = time.perf_counter()
+        trainer.end_task()
+        end_s = time.perf_counter() - start
+        if self.state.is_main_process:
+            with atomic_directory(self._task_dir(index)) as staging:
+                self.model.save_pretrained(str(staging / "adapter"))
+        self.state.wait_for_everyone()
+        if self.state.is_main_process:
+            for stale in trainer_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        begin_s = trainer.keeplora_begin_seconds  # spent inside trainer.train(), reported apart from training
+        return {"train": train_s - begin_s, "task_boundary": begin_s + end_s}
+
+    def _evaluate_row(self, index: int, timings: dict[str, float]) -> dict[str, Any]:
+        start = time.perf_counter()
+        label = "before any task" if index == 0 else f"after {self.tasks[index - 1].name}"
+        accuracies = []
+        evaluations = [(t.name, t.eval_dataset, t.metric) for t in self.tasks] + [
+            (g.name, g.eval_dataset, g.metric) for g in self.general_sets
+        ]
+        self.model.eval()
+        values = {}
+        for name, dataset, metric in tqdm(
+            evaluations, desc=f"Evaluating {label}", disable=not self.state.is_main_process
+        ):
+            values[name] = _checked_metric(name, metric(self.model, dataset))
+        accuracies = [values[t.name] for t in self.tasks]
+        general = {g.name: values[g.name] for g in self.general_sets}
+        return {
+            "row": index,
+            "accuracies": accuracies,
+            "general": general,
+            "timings_s": {**timings, "eval": time.perf_counter() - start},
+        }
+
+    # -- results ----------------------------------------------------------------------------------------------
+
+    def _results(self, rows: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        ordered = [rows[i] for i in range(len(self.tasks) + 1)]
+        matrix = [row["accuracies"] for row in ordered]
+        general = {g.name: [row["general"][g.name] for row in ordered] for g in self.general_sets}
+        timings: dict[str, float] = {"train": 0.0, "task_boundary": 0.0, "eval": 0.0}
+        for row in ordered:
+            for key, value in row["timings_s"].items():
+                timings[key] = timings.get(key, 0.0) + value
+        metrics = compute_all(np.array(matrix, dtype=float), general or None)
+        return {
+            "tasks": [t.name for t in self.tasks],
+            "methods": {
+                self.method: {"accuracy_matrix": matrix, "general": general, "metrics": metrics, "timings_s": timings}
+            },
+            "config": self.run_config,
+            "seed": self.args.seed,
+            "versions": _versions(),
+        }
+
+    # -- output directory and resume --------------------------------------------------------------------------
+
+    def _describe(self, extra: dict[str, Any]) -> dict[str, Any]:
+        config = self.tuner.peft_config[self.adapter].to_dict()
+        keys = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "weight_decay", "lr_scheduler_type", "warmup_steps", "seed",
+                "max_grad_norm", "optim")
+        return {
+            "method": self.method,
+            "tasks": [t.name for t in self.tasks],
+            "general_sets": [g.name for g in self.general_sets],
+            "peft_config": json.loads(json.dumps(config, default=str, sort_keys=True)),
+            "training": {k: _plain(getattr(self.args, k)) for k in keys},
+            "data": {t.name: _fingerprint(t.train_dataset) for t in self.tasks},
+            **extra,
+        }
+
+    def _claim_output_dir(self, overwrite: bool) -> None:
+        run_file = self.output_dir / RUN_FILE
+        replace = False
+        if run_file.exists():
+            saved = read_json(run_file)
+            if saved != json.loads(json.dumps(self.run_config)):
+                if not overwrite:
+                    changed = sorted(k for k in set(saved) | set(self.run_config) if saved.get(k) != self.run_config.get(k))
+                    raise ValueError(
+                        f"{self.output_dir} holds a run with a different configuration (differs in: "
+                        f"{', '.join(changed)}); pass overwrite=True (--overwrite) to replace it, or choose another "
+                        "output directory"
+                    )
+                replace = True
+        elif self.output_dir.exists() and any(self.output_dir.iterdir()) and not overwrite:
+            raise ValueError(f"{self.output_dir} is not empty and holds no KeepLoRA run; choose an empty directory")
+        self.state.wait_for_everyone()  # every rank has judged the directory before the main process changes it
+        if self.state.is_main_process:
+            if replace:
+                shutil.rmtree(self.output_dir)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if not run_file.exists():
+                atomic_write_json(run_file, self.run_config)
+        self.state.wait_for_everyone()
+
+    def _resume(self) -> dict[int, dict[str, Any]]:
+        """Rows already written, with the model restored to the last completed task."""
+        rows: dict[int, dict[str, Any]] = {}
+        if (self.output_dir / "row_000.json").exists():
+            rows[0] = read_json(self.output_dir / "row_000.json")
+        last_adapter = None
+        for index in range(1, len(self.tasks) + 1):
+            task_dir = self._task_dir(index)
+            if not (task_dir / "adapter").exists():
+                break
+            last_adapter = task_dir / "adapter"
+            if (task_dir / "row.json").exists():
+                rows[index] = read_json(task_dir / "row.json")
+        if last_adapter is not None:
+            progress = self.tuner.progress(self.adapter)
+            if progress.task_index or progress.in_task:
+                raise ValueError("resuming needs a fresh model: this one has already learned tasks")
+            logger.info("resuming after %s", last_adapter.parent.name)
+            self.model.load_adapter(str(last_adapter), self.adapter, is_trainable=True)
+        done = self.tuner.progress(self.adapter).task_index
+        missing = [i for i in range(1, done + 1) if i not in rows]
+        for index in missing:  # interrupted during evaluation: the task is learned, only its row is missing
+            if index != done:
+                raise RuntimeError(f"{self._task_dir(index)} has an adapter but no row.json, yet later tasks exist")
+            rows[index] = self._evaluate_row(index, {})
+            self._write_json(self._task_dir(index) / "row.json", rows[index])
+        return rows
+
+    def _task_dir(self, index: int) -> Path:
+        return self.output_dir / "tasks" / self._slug(index)
+
+    def _slug(self, index: int) -> str:
+        return f"{index:03d}_{self.tasks[index - 1].name}"
+
+    def _write_json(self, path: Path, payload: dict[str, Any]) -> None:
+        if self.state.is_main_process:
+            atomic_write_json(path, payload)
+        self.state.wait_for_everyone()
+
+
+def _validate_tasks(tasks: list[ContinualTask], general_sets: list[GeneralSet]) -> None:
+    if not tasks:
+        raise ValueError("the task sequence is empty")
+    names = [t.name for t in tasks] + [g.name for g in general_sets]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"task and general-set names must be unique; repeated: {duplicates}")
+    for task in tasks:
+        if not task.name or any(c in task.name for c in "/\\:") or task.name.startswith("."):
+            raise ValueError(f"task name {task.name!r} cannot name a directory; use letters, digits, '-' and '_'")
+        if not callable(task.metric):
+            raise ValueError(f"task {task.name!r}: metric must be a callable (model, eval_dataset) -> float")
+        for role, dataset in (("train", task.train_dataset), ("eval", task.eval_dataset)):
+            if dataset is None or len(dataset) == 0:
+                raise ValueError(f"task {task.name!r}: the {role} dataset is empty")
+        _check_rows_complete(task.name, task.eval_dataset)
+    for general in general_sets:
+        if general.eval_dataset is None or len(general.eval_dataset) == 0:
+            raise ValueError(f"general set {general.name!r}: the eval dataset is empty")
+        _check_rows_complete(general.name, general.eval_dataset)
+
+
+def _check_rows_complete(name: str, dataset: Any) -> None:
+    """Every eval row must carry every field, so a metric never meets a hole halfway through a long run."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None:
+        for column in columns:
+            for row, value in enumerate(dataset[column]):
+                if value is None:
+                    raise ValueError(f"{name!r} eval set: row {row} has no value for field {column!r}")
+        return
+    rows = list(dataset)
+    if rows and isinstance(rows[0], dict):
+        fields = set().union(*(r.keys() for r in rows))
+        for row, record in enumerate(rows):
+            for column in sorted(fields):
+                if record.get(column) is None:
+                    raise ValueError(f"{name!r} eval set: row {row} has no value for field {column!r}")
+
+
+def _checked_metric(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"the metric of {name!r} returned {value!r}, not a number") from None
+    if math.isnan(number) or not 0.0 <= number <= 1.0:
+        raise ValueError(f"the metric of {name!r} returned {number}, not an accuracy in [0, 1]")
+    return number
+
+
+def _last_complete_checkpoint(trainer_dir: Path) -> Path | None:
+    candidates = sorted(
+        (p for p in trainer_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    return next((p for p in candidates if complete_trainer_checkpoint(p)), None)
+
+
+def _fingerprint(dataset: Any) -> str:
+    """Size plus a hash of the first rows' plain values: stable across processes, unlike datasets' own fingerprint."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in sorted(value.items())}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if hasattr(value, "tolist"):
+            return value.tolist()
+        return value if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+
+    head = [plain(dataset[i]) for i in range(min(len(dataset), 8))]
+    return f"{len(dataset)}:{hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()[:16]}"
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {"keeplora_hf": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}

@@ -1,0 +1,42 @@
+"""Two CPU processes (torchrun, gloo) learn the same sequence as one process with the same global batch."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_resume import SCRIPT, matrix
+
+# stated tolerance: every merged task update within 1e-3 relative (float summation order differs across ranks),
+# every accuracy within one eval sample (1/16)
+DELTA_TOLERANCE = 1e-3
+ACCURACY_TOLERANCE = 1 / 16
+
+
+def task_deltas(run_dir) -> dict[str, torch.Tensor]:
+    adapter = sorted((run_dir / "tasks").iterdir())[-1] / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(adapter)
+    return {k: tensors[k[: -len("lora_A")] + "lora_B"] @ tensors[k] for k in tensors if k.endswith(".lora_A") and "keeplora_state.task" in k}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_processes_match_one(tmp_path, reference_run):
+    single_dir, single = reference_run
+    result = subprocess.run(
+        ["torchrun", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path / "double"), "--global-batch", "8"],
+        capture_output=True, text=True, timeout=600,
+    )
+    double = matrix(result)
+    assert len(double) == len(single)
+    for row_single, row_double in zip(single, double):
+        assert all(abs(a - b) <= ACCURACY_TOLERANCE for a, b in zip(row_single, row_double)), (single, double)
+    ones, twos = task_deltas(single_dir), task_deltas(tmp_path / "double")
+    assert ones.keys() == twos.keys() and ones
+    worst = max(((ones[k] - twos[k]).norm() / ones[k].norm()).item() for k in ones)
+    assert worst <= DELTA_TOLERANCE, worst
