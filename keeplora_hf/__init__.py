@@ -4,16 +4,22 @@ Importing this package registers the KEEPLORA peft type, so `get_peft_model(mode
 `PeftModel.from_pretrained` work like for any PEFT method.
 """
 
+from .continual import ContinualRunner, ContinualTask, GeneralSet
 from .export import export_lora
 from .lifecycle import attach_residual_projection, begin_task, end_task, project_lora_A_, protected_basis
+from .trainer import KeepLoRATrainer
 from .tuner import KEEPLORA_PEFT_TYPE, KeepLoRAConfig, KeepLoRAModel
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ContinualRunner",
+    "ContinualTask",
+    "GeneralSet",
     "KEEPLORA_PEFT_TYPE",
     "KeepLoRAConfig",
     "KeepLoRAModel",
+    "KeepLoRATrainer",
     "attach_residual_projection",
     "begin_task",
     "end_task",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -57,35 +58,20 @@ def begin_task(
         with torch.no_grad():
             module.lora_A[adapter].weight.zero_()
             module.lora_B[adapter].weight.zero_()
-    gradients: dict[str, torch.Tensor] = {}
-
-    def accumulate(name: str, grad: torch.Tensor) -> None:
-        if name in gradients:
-            gradients[name].add_(grad.float())
-        else:
-            gradients[name] = grad.detach().float().clone()
-
-    batches = task_batches(dataloader, config.gradient_data_ratio, max_batches)
-    count = weight_gradient_pass(network, layers, batches, loss_fn, accumulate, description="KeepLoRA gradient estimate")
-    if count == 0:
-        raise ValueError("begin_task: the dataloader yielded no batches")
-    missing = sorted(set(layers) - set(gradients))
-    if missing:
-        raise RuntimeError(f"begin_task: the loss does not depend on these targets, so no gradient reached them: {missing[:5]}")
+    gradients = _mean_gradients(network, layers, dataloader, config, max_batches, loss_fn)
 
     cramped: dict[str, int] = {}
-    total = float(all_reduce_sum_(torch.tensor([float(count)], device=next(iter(gradients.values())).device)).item())
     for name, module in layers.items():
         state = layer_state(module, adapter)
         weight = module.get_base_layer().weight
         if state.principal is None:
             state.principal = principal_basis(weight, config.principal_energy).to(BASIS_DTYPE)
             state.memory = torch.zeros(weight.shape[1], 0, dtype=BASIS_DTYPE, device=weight.device)
-        gradient = all_reduce_sum_(gradients.pop(name)) / total
         protected = state.protected()
-        if weight.shape[1] - protected.shape[1] < module.r[adapter]:
+        rank = module.r[adapter]
+        if weight.shape[1] - protected.shape[1] < rank:
             cramped[name] = weight.shape[1] - protected.shape[1]
-        rows = residual_directions(gradient, protected, module.r[adapter])
+        rows = _initial_rows(config.lora_A_init, gradients.pop(name, None), weight, protected, rank)
         lora_A = module.lora_A[adapter].weight
         with torch.no_grad():
             lora_A.copy_(rows.to(lora_A.dtype))
@@ -100,7 +86,53 @@ def begin_task(
             stacklevel=2,
         )
     progress.in_task = True
-    logger.info("KeepLoRA: began task %d on %d target layers (%d batches)", progress.task_index, len(layers), count)
+    logger.info("KeepLoRA: began task %d on %d target layers", progress.task_index, len(layers))
+
+
+def _mean_gradients(
+    model: nn.Module,
+    layers: dict[str, LoraLayer],
+    dataloader: Iterable[Any],
+    config: KeepLoRAConfig,
+    max_batches: int | None,
+    loss_fn: LossFn,
+) -> dict[str, torch.Tensor]:
+    """Mean loss gradient of every target weight over the task's first batches (summed across ranks)."""
+    if config.lora_A_init != "residual_gradient":
+        return {}
+    gradients: dict[str, torch.Tensor] = {}
+
+    def accumulate(name: str, grad: torch.Tensor) -> None:
+        if name in gradients:
+            gradients[name].add_(grad.float())
+        else:
+            gradients[name] = grad.detach().float().clone()
+
+    batches = task_batches(dataloader, config.gradient_data_ratio, max_batches)
+    count = weight_gradient_pass(model, layers, batches, loss_fn, accumulate, description="KeepLoRA gradient estimate")
+    if count == 0:
+        raise ValueError("begin_task: the dataloader yielded no batches")
+    missing = sorted(set(layers) - set(gradients))
+    if missing:
+        raise RuntimeError(f"begin_task: the loss does not depend on these targets, so no gradient reached them: {missing[:5]}")
+    device = next(iter(gradients.values())).device
+    total = float(all_reduce_sum_(torch.tensor([float(count)], device=device)).item())
+    return {name: all_reduce_sum_(gradients[name]) / total for name in layers}
+
+
+def _initial_rows(
+    init: str, gradient: torch.Tensor | None, weight: torch.Tensor, protected: torch.Tensor, rank: int
+) -> torch.Tensor:
+    """The rows of `A` for a new task, always inside the residual subspace of `protected`."""
+    if init == "residual_gradient":
+        return residual_directions(gradient, protected, rank)
+    if init == "minor_singular":
+        _, _, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+        rows = vh[-rank:]
+    else:  # "random": LoRA's own initialisation of A
+        rows = torch.empty(rank, weight.shape[1], dtype=torch.float64, device=weight.device)
+        nn.init.kaiming_uniform_(rows, a=math.sqrt(5))
+    return project_out(rows, protected.double())
 
 
 def end_task(
@@ -117,11 +149,12 @@ def end_task(
         raise RuntimeError("end_task called before begin_task: there is no task under way to finish")
     network = getattr(model, "module", model)
 
-    covariances = _task_feature_covariances(network, layers, dataloader, config, max_batches, loss_fn)
-    new_memory = {}
-    for name, module in layers.items():
-        state = layer_state(module, adapter)
-        new_memory[name] = extend_memory(state.memory, state.principal, covariances[name], config.feature_energy)
+    new_memory = {name: layer_state(module, adapter).memory for name, module in layers.items()}
+    if config.feature_energy > 0:  # with no memory to keep (plain sequential LoRA), skip the data pass
+        covariances = _task_feature_covariances(network, layers, dataloader, config, max_batches, loss_fn)
+        for name, module in layers.items():
+            state = layer_state(module, adapter)
+            new_memory[name] = extend_memory(state.memory, state.principal, covariances[name], config.feature_energy)
 
     for name, module in layers.items():
         _finish_layer(module, adapter, layer_state(module, adapter), new_memory[name].to(BASIS_DTYPE))

@@ -10,6 +10,7 @@ from peft import LoraConfig
 from .registration import KEEPLORA_PEFT_TYPE
 
 FEATURE_SOURCES = ("activations", "gradients")
+LORA_A_INITS = ("residual_gradient", "random", "minor_singular")
 
 
 @dataclass
@@ -65,6 +66,15 @@ class KeepLoRAConfig(LoraConfig):
         },
     )
 
+    lora_A_init: Literal["residual_gradient", "random", "minor_singular"] = field(
+        default="residual_gradient",
+        metadata={
+            "help": "How begin_task chooses A: the top singular directions of the residual gradient (KeepLoRA), "
+            "LoRA's random init, or the weight's minor singular directions (MiLoRA). The last two exist for "
+            "baselines in the same harness; every choice is projected onto the residual subspace."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = KEEPLORA_PEFT_TYPE
@@ -74,6 +84,8 @@ class KeepLoRAConfig(LoraConfig):
         _check_range("gradient_data_ratio", self.gradient_data_ratio, 0.0, 1.0, "(0, 1]", low_open=True)
         if self.feature_source not in FEATURE_SOURCES:
             raise ValueError(f"feature_source must be one of {FEATURE_SOURCES}, got {self.feature_source!r}")
+        if self.lora_A_init not in LORA_A_INITS:
+            raise ValueError(f"lora_A_init must be one of {LORA_A_INITS}, got {self.lora_A_init!r}")
         if not isinstance(self.train_lora_A, bool):
             raise ValueError(f"train_lora_A must be a bool, got {self.train_lora_A!r}")
         if not isinstance(self.r, int) or self.r < 1:

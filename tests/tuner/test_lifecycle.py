@@ -118,3 +118,19 @@ def test_gradient_feature_source_builds_memory():
     _train(model, batches, steps=2, accumulation=1)
     end_task(model, batches)
     assert all(m.keeplora_state["default"].memory.shape[1] > 0 for m in targets(model).values())
+
+
+@pytest.mark.parametrize("init", ["random", "minor_singular"])
+def test_baseline_initialisations_stay_in_the_residual(init):
+    model, batches, _ = wrap("llava", lora_A_init=init, train_lora_A=True)
+    begin_task(model, batches)
+    for name, module in targets(model).items():
+        lora_A = module.lora_A["default"].weight
+        assert lora_A.abs().sum() > 0
+        assert (lora_A @ protected_basis(model, name)).abs().max() < 1e-5, name
+    if init == "minor_singular":
+        module = next(iter(targets(model).values()))
+        _, _, vh = torch.linalg.svd(module.get_base_layer().weight.double())
+        lora_A = module.lora_A["default"].weight.double()
+        # the weight's minor directions that the principal subspace does not claim: A lies in the span of the last r
+        assert torch.allclose(lora_A @ vh[: -lora_A.shape[0]].T, torch.zeros(lora_A.shape[0], vh.shape[0] - lora_A.shape[0], dtype=torch.float64), atol=1e-5)
