@@ -19,11 +19,11 @@ from accelerate import PartialState
 from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..trainer import KeepLoRATrainer
-from ..tuner.model import _tuner_of
+from ..tuner.model import KeepLoRAModel
 from .checkpoint import atomic_directory, atomic_write_json, complete_trainer_checkpoint, read_json
 from .metrics import compute_all
 from .report import terminal_summary, write_report
@@ -54,7 +54,10 @@ class GeneralSet:
 
 
 class ContinualRunner:
-    """Runs a task sequence on a fresh KEEPLORA `PeftModel` and writes everything to `output_dir`.
+    """Runs a task sequence on a fresh `PeftModel` and writes everything to `output_dir`.
+
+    A KEEPLORA model is trained with `KeepLoRATrainer` (begin, train, end per task); any other PEFT model (a
+    baseline such as OSF) with the plain `Trainer`, its adapter carried from task to task.
 
     Layout of `output_dir`: `run.json` (what the run is, to refuse mixing runs), `row_000.json` (the model before
     any task), `tasks/NNN_<name>/` (the adapter after task NNN with its continual state, and `row.json`, its
@@ -86,8 +89,11 @@ class ContinualRunner:
         self.method = method
         self.trainer_kwargs = trainer_kwargs or {}
         self.state = PartialState()
-        self.tuner = _tuner_of(model)
-        self.adapter = self.tuner.keeplora_adapter()
+        if not isinstance(model, PeftModel):
+            raise TypeError(f"ContinualRunner needs a PeftModel (get_peft_model(base, config)), got {type(model).__name__}")
+        self.keeplora = isinstance(model.base_model, KeepLoRAModel)
+        self.adapter = model.active_adapter
+        self.learned = 0  # tasks learned so far, restored by resume
         _validate_tasks(self.tasks, self.general_sets)
         self.run_config = self._describe(run_config or {})
         self._claim_output_dir(overwrite)
@@ -118,7 +124,8 @@ class ContinualRunner:
     def _learn(self, index: int, task: ContinualTask) -> dict[str, float]:
         trainer_dir = self.output_dir / "trainer" / self._slug(index)
         args = dataclasses.replace(self.args, output_dir=str(trainer_dir))
-        trainer = KeepLoRATrainer(
+        trainer_class = KeepLoRATrainer if self.keeplora else Trainer
+        trainer = trainer_class(
             model=self.model,
             args=args,
             train_dataset=task.train_dataset,
@@ -132,8 +139,10 @@ class ContinualRunner:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_s = time.perf_counter() - start
         start = time.perf_counter()
-        trainer.end_task()
+        if self.keeplora:
+            trainer.end_task()
         end_s = time.perf_counter() - start
+        self.learned = index
         if self.state.is_main_process:
             with atomic_directory(self._task_dir(index)) as staging:
                 self.model.save_pretrained(str(staging / "adapter"))
@@ -141,7 +150,7 @@ class ContinualRunner:
         if self.state.is_main_process:
             for stale in trainer_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-        begin_s = trainer.keeplora_begin_seconds  # spent inside trainer.train(), reported apart from training
+        begin_s = getattr(trainer, "keeplora_begin_seconds", 0.0)  # inside trainer.train(), reported apart
         return {"train": train_s - begin_s, "task_boundary": begin_s + end_s}
 
     def _evaluate_row(self, index: int, timings: dict[str, float]) -> dict[str, Any]:
@@ -190,7 +199,7 @@ class ContinualRunner:
     # -- output directory and resume --------------------------------------------------------------------------
 
     def _describe(self, extra: dict[str, Any]) -> dict[str, Any]:
-        config = self.tuner.peft_config[self.adapter].to_dict()
+        config = self.model.peft_config[self.adapter].to_dict()
         keys = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "weight_decay", "lr_scheduler_type", "warmup_steps", "seed",
                 "max_grad_norm", "optim")
@@ -243,12 +252,12 @@ class ContinualRunner:
             if (task_dir / "row.json").exists():
                 rows[index] = read_json(task_dir / "row.json")
         if last_adapter is not None:
-            progress = self.tuner.progress(self.adapter)
-            if progress.task_index or progress.in_task:
+            if self.keeplora and (self.model.base_model.progress(self.adapter).task_index or self.learned):
                 raise ValueError("resuming needs a fresh model: this one has already learned tasks")
             logger.info("resuming after %s", last_adapter.parent.name)
             self.model.load_adapter(str(last_adapter), self.adapter, is_trainable=True)
-        done = self.tuner.progress(self.adapter).task_index
+            self.learned = int(last_adapter.parent.name.split("_", 1)[0])
+        done = self.learned
         missing = [i for i in range(1, done + 1) if i not in rows]
         for index in missing:  # interrupted during evaluation: the task is learned, only its row is missing
             if index != done:

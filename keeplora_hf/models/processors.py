@@ -129,19 +129,28 @@ _VISION_STRATEGY = "default"  # tiny LLaVA-family configs drop CLS from image fe
 _CLS_TOKENS = 1  # the CLIP vision tower's extra token, counted by the processors' placeholder arithmetic
 
 
-def _word_level_tokenizer(specials: dict[str, int], post_processor: processors.PostProcessor) -> Tokenizer:
+def _word_level_tokenizer(
+    specials: dict[str, int],
+    post_processor: processors.PostProcessor,
+    words: tuple[str, ...] = TINY_VOCABULARY,
+    vocab_size: int = VOCAB_SIZE,
+) -> Tokenizer:
     """Word-level `tokenizers.Tokenizer`: one id per word, digits split, punctuation isolated.
 
     A word-level model keeps every answer a single token (so the demo's exact-match metric is about words,
-    not sub-word pieces) and makes hand-checked label masks readable.
+    not sub-word pieces) and makes hand-checked label masks readable. Words take the ids from `FIRST_TEXT_ID` on
+    that no special token holds.
     """
     vocab = dict(specials)
-    for offset, word in enumerate(TINY_VOCABULARY):
-        vocab[word] = FIRST_TEXT_ID + offset
-    assert FIRST_TEXT_ID + len(TINY_VOCABULARY) <= FIRST_SPECIAL_ID, "vocabulary overflows the text ids"
+    free = (i for i in range(FIRST_TEXT_ID, vocab_size) if i not in set(specials.values()))
+    for word in words:
+        index = next(free, None)
+        if index is None:
+            raise ValueError(f"{len(words)} words do not fit a vocabulary of {vocab_size} ids")
+        vocab[word] = index
     used = set(vocab.values())
     # Ids left free still need a token, so that decoding any id the model may emit is defined.
-    vocab.update({f"<unused{i}>": i for i in range(VOCAB_SIZE) if i not in used})
+    vocab.update({f"<unused{i}>": i for i in range(vocab_size) if i not in used})
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -156,7 +165,9 @@ def _word_level_tokenizer(specials: dict[str, int], post_processor: processors.P
     return tokenizer
 
 
-def build_tiny_tokenizer(name: str = "llava") -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(
+    name: str = "llava", words: tuple[str, ...] = TINY_VOCABULARY, vocab_size: int = VOCAB_SIZE
+) -> PreTrainedTokenizerFast:
     """The tokenizer of tiny model `name`: shared word list, the model's special ids, its chat template.
 
     Every chat model adds `<s>` in front (like Llama) and no `</s>` (the chat template ends assistant turns
@@ -171,7 +182,7 @@ def build_tiny_tokenizer(name: str = "llava") -> PreTrainedTokenizerFast:
             special_tokens=[(CLIP_BOS_TOKEN, BOS_ID), (CLIP_EOS_TOKEN, CLIP_EOS_ID)],
         )
         return PreTrainedTokenizerFast(
-            tokenizer_object=_word_level_tokenizer(specials, post),
+            tokenizer_object=_word_level_tokenizer(specials, post, words, vocab_size),
             bos_token=CLIP_BOS_TOKEN,
             eos_token=CLIP_EOS_TOKEN,
             pad_token=PAD_TOKEN,
@@ -191,7 +202,7 @@ def build_tiny_tokenizer(name: str = "llava") -> PreTrainedTokenizerFast:
         single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, BOS_ID)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=_word_level_tokenizer(specials, post),
+        tokenizer_object=_word_level_tokenizer(specials, post, words, vocab_size),
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,

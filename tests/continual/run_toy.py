@@ -30,7 +30,7 @@ class KillDuringTask(TrainerCallback):
         self.runner, self.task, self.step = runner, task, step
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.runner.tuner.progress(self.runner.adapter).task_index == self.task - 1 and state.global_step == self.step:
+        if self.runner.learned == self.task - 1 and state.global_step == self.step:
             die()
 
 
@@ -81,7 +81,7 @@ def main() -> None:
 
         def dying_save(path, *a, **kw):
             save(path, *a, **kw)
-            if runner.tuner.progress(runner.adapter).task_index == options.task:
+            if runner.model.base_model.progress(runner.adapter).task_index == options.task:
                 die()  # the adapter is written to the staging directory, but never renamed into place
 
         model.save_pretrained = dying_save
