@@ -1,0 +1,63 @@
+"""The `keeplora-hf` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+from .baselines import DEFAULT_METHODS, METHODS
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import DemoSettings, run_demo
+
+    methods = tuple(METHODS) if args.methods == ["all"] else tuple(args.methods)
+    run_demo(
+        DemoSettings(
+            output_dir=args.output_dir,
+            methods=methods,
+            seeds=tuple(range(args.seeds)),
+            model_path=args.model,
+            overwrite=args.overwrite,
+        )
+    )
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from .models.pretrain import PretrainSettings, pretrain
+
+    report = pretrain(args.output_dir, PretrainSettings(steps=args.steps, batch_size=args.batch_size, seed=args.seed))
+    print({skill: f"{100 * value:.1f}%" for skill, value in report["general_suite"].items()})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keeplora-hf", description="KeepLoRA++ continual learning for VLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the offline continual benchmark on the pre-trained demo VLM")
+    demo.add_argument("--output-dir", default="keeplora-demo", help="where results, plots and checkpoints go")
+    demo.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                      help=f"methods to compare, or 'all'; choices: {', '.join(METHODS)}")
+    demo.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...); the summary gives mean ± std")
+    demo.add_argument("--model", default=None, help="a pre-trained demo model directory (default: the shipped one)")
+    demo.add_argument("--overwrite", action="store_true", help="replace results of a run with other settings")
+    demo.set_defaults(func=_demo)
+
+    pre = sub.add_parser("pretrain", help="pre-train the demo VLM on the general synthetic corpus")
+    pre.add_argument("--output-dir", required=True)
+    pre.add_argument("--steps", type=int, default=3000)
+    pre.add_argument("--batch-size", type=int, default=48)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.set_defaults(func=_pretrain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""`keeplora-hf demo`: the offline continual benchmark on the pre-trained demo VLM, every method in one harness."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, concatenate_datasets
+from peft import get_peft_model
+from transformers import Trainer, TrainingArguments
+
+from .baselines import DEFAULT_METHODS, METHODS, Method
+from .continual import ContinualRunner, ContinualTask, GeneralSet
+from .continual.checkpoint import atomic_write_json, read_json
+from .continual.evaluation import answer_exact_match
+from .continual.metrics import METRIC_NAMES, compute_all
+from .continual.report import terminal_summary, to_jsonable, write_report
+from .data.collators import VLMChatCollator
+from .data.formats import load_llava_json
+from .data.synthetic.tasks import IMAGE_TASKS
+from .data.synthetic.writer import write_benchmark
+from .models.demo import DEMO_LANGUAGE_TARGETS, load_demo_model
+from .models.pretrain import MAX_LENGTH
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoSettings:
+    """The benchmark's knobs; the defaults are what the README's table was measured with."""
+
+    output_dir: str = "keeplora-demo"
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    tasks: tuple[str, ...] = IMAGE_TASKS
+    seeds: tuple[int, ...] = (0,)
+    train_size: int = 480
+    eval_size: int = 120
+    general_size: int = 300
+    epochs: float = 3.0
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    rank: int = 8
+    alpha: float = 16.0
+    model_path: str | None = None
+    overwrite: bool = False
+    data_seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_demo(settings: DemoSettings) -> dict[str, Any]:
+    """Run every (seed, method) pair, resuming finished ones, and write per-seed results plus a summary."""
+    unknown = [m for m in settings.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)} or 'all'")
+    out = Path(settings.output_dir)
+    data = _benchmark_data(out / "data", settings)
+    _, processor = load_demo_model(settings.model_path)
+    collator = VLMChatCollator(processor, max_length=MAX_LENGTH, model_family="llava")
+    metric = answer_exact_match(collator, batch_size=64)
+    tasks = [ContinualTask(name, split["train"], split["eval"], metric) for name, split in data["tasks"].items()]
+    general = [GeneralSet("general", data["general"], metric)]
+
+    per_seed = {}
+    for seed in settings.seeds:
+        results: dict[str, Any] = {"tasks": [t.name for t in tasks], "methods": {}, "config": asdict(settings), "seed": seed}
+        for name in settings.methods:
+            method_dir = out / f"seed{seed}" / _slug(name)
+            entry = _run_method(METHODS[name], tasks, general, collator, settings, seed, method_dir)
+            results["methods"][name] = entry["methods"][name]
+            results["versions"] = entry.get("versions", {})
+        write_report(results, out / f"seed{seed}")
+        per_seed[seed] = results
+    summary = _summary(per_seed, settings)
+    atomic_write_json(out / "summary.json", to_jsonable(summary))
+    (out / "summary.md").write_text(summary_markdown(summary))
+    print(terminal_summary(per_seed[settings.seeds[-1]]))
+    print(summary_markdown(summary))
+    return summary
+
+
+def _run_method(
+    method: Method,
+    tasks: list[ContinualTask],
+    general: list[GeneralSet],
+    collator: VLMChatCollator,
+    settings: DemoSettings,
+    seed: int,
+    out: Path,
+) -> dict[str, Any]:
+    if (out / "results.json").exists() and not settings.overwrite:
+        return read_json(out / "results.json")
+    base, _ = load_demo_model(settings.model_path)
+    if method.kind == "none":
+        return _zero_shot(method, base, tasks, general, out)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, method.make_config(settings.rank, settings.alpha, DEMO_LANGUAGE_TARGETS, base))
+    args = _training_args(settings, seed, out / "trainer")
+    if method.kind == "joint":
+        return _joint(method, model, tasks, general, collator, args, out)
+    runner = ContinualRunner(
+        model, tasks, args, out, general_sets=general, data_collator=collator, method=method.name,
+        run_config={"demo": _training_settings(settings)}, overwrite=settings.overwrite,
+    )
+    return runner.run()
+
+
+def _training_settings(settings: DemoSettings) -> dict[str, Any]:
+    """What decides one method's run: not which other methods or seeds run beside it, nor where it is written."""
+    ignored = {"output_dir", "methods", "seeds", "overwrite"}
+    return {k: v for k, v in asdict(settings).items() if k not in ignored}
+
+
+def _training_args(settings: DemoSettings, seed: int, output_dir: Path) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        logging_steps=10,
+        save_strategy="epoch",
+        report_to=["tensorboard"],
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+    )
+
+
+def _evaluate_all(model, tasks, general) -> tuple[list[float], dict[str, float]]:
+    model.eval()
+    return [t.metric(model, t.eval_dataset) for t in tasks], {g.name: g.metric(model, g.eval_dataset) for g in general}
+
+
+def _entry(method: Method, matrix: list[list[float | None]], general: dict[str, list], out: Path) -> dict[str, Any]:
+    results = {
+        "tasks": None,
+        "methods": {
+            method.name: {
+                "accuracy_matrix": matrix,
+                "general": general,
+                "metrics": compute_all(np.array(matrix, dtype=float), general),
+                "timings_s": {},
+            }
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", to_jsonable(results))
+    return results
+
+
+def _zero_shot(method, model, tasks, general, out: Path) -> dict[str, Any]:
+    """The untouched model: every row of its matrix is the same evaluation."""
+    row, kept = _evaluate_all(model, tasks, general)
+    rows = len(tasks) + 1
+    return _entry(method, [row] * rows, {k: [v] * rows for k, v in kept.items()}, out)
+
+
+def _joint(method, model, tasks, general, collator, args, out: Path) -> dict[str, Any]:
+    """All tasks' data at once: an upper bound with no sequence, so only rows 0 and T are defined."""
+    before, kept_before = _evaluate_all(model, tasks, general)
+    union = concatenate_datasets([t.train_dataset for t in tasks]).shuffle(seed=args.seed)
+    Trainer(model=model, args=args, train_dataset=union, data_collator=collator).train()
+    after, kept_after = _evaluate_all(model, tasks, general)
+    gap = [None] * len(tasks)
+    matrix = [before] + [gap] * (len(tasks) - 1) + [after]
+    kept = {k: [kept_before[k]] + [None] * (len(tasks) - 1) + [kept_after[k]] for k in kept_before}
+    return _entry(method, matrix, kept, out)
+
+
+def _benchmark_data(data_dir: Path, settings: DemoSettings) -> dict[str, Any]:
+    """Write the benchmark once in the formats real datasets use, then load it through the same loaders."""
+    manifest_file = data_dir / "manifest.json"
+    if not manifest_file.exists():
+        write_benchmark(
+            data_dir,
+            general_size=0,  # the general training corpus is pre-training's; the demo only needs the held-out suite
+            general_eval_size=settings.general_size,
+            train_size=settings.train_size,
+            eval_size=settings.eval_size,
+            tasks=settings.tasks,
+            seed=settings.data_seed,
+        )
+    manifest = read_json(manifest_file)
+    if manifest["image_task_order"] != list(settings.tasks):
+        raise ValueError(f"{data_dir} holds a benchmark of other tasks {manifest['image_task_order']}; use --overwrite")
+
+    def load(entry: dict[str, Any]) -> Dataset:
+        return load_llava_json(data_dir / entry["path"], data_dir)
+
+    tasks = {name: {split: load(manifest["image_tasks"][name][split]) for split in ("train", "eval")} for name in settings.tasks}
+    return {"tasks": tasks, "general": load(manifest["general"]["eval"])}
+
+
+def _summary(per_seed: dict[int, dict[str, Any]], settings: DemoSettings) -> dict[str, Any]:
+    """Mean and standard deviation over seeds of every metric, per method."""
+    methods = {}
+    for name in settings.methods:
+        values = {k: [per_seed[s]["methods"][name]["metrics"][k] for s in per_seed] for k in METRIC_NAMES}
+        methods[name] = {
+            k: {"mean": _nanstat(np.nanmean, v), "std": _nanstat(np.nanstd, v), "n": int(np.sum(~np.isnan(np.array(v, dtype=float))))}
+            for k, v in values.items()
+        }
+    return {"seeds": list(per_seed), "methods": methods, "settings": asdict(settings)}
+
+
+def _nanstat(fn, values: list[float | None]) -> float:
+    array = np.array([np.nan if v is None else v for v in values], dtype=float)
+    return float(fn(array)) if np.any(~np.isnan(array)) else float("nan")
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The README's table: metrics in %, mean ± std over seeds."""
+    keys = ("mft", "mfn", "maa", "bwt", "forgetting", "transfer", "avg", "last", "general_retention")
+    lines = [
+        f"Seeds: {', '.join(map(str, summary['seeds']))} (mean ± std, %)",
+        "",
+        "| method | " + " | ".join(keys) + " |",
+        "| --- | " + " | ".join("---:" for _ in keys) + " |",
+    ]
+    for name, metrics in summary["methods"].items():
+        cells = []
+        for key in keys:
+            m = metrics[key]
+            cells.append("–" if np.isnan(m["mean"]) else f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name)

@@ -1,0 +1,111 @@
+"""The demo's vision-language model: a small LLaVA (the real transformers classes) that the project pre-trains itself.
+
+CLIP vision tower (4 layers, hidden 64, 4x4 patches of 32x32 images = 64 image tokens), MLP projector, Llama
+decoder (4 layers, hidden 128), word-level vocabulary. About 1.3M parameters: big enough to hold several general
+skills, small enough to pre-train and run whole continual benchmarks on two CPU cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoProcessor,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from .processors import CHAT_TEMPLATE, TINY_VOCABULARY, build_tiny_tokenizer
+from .tiny import BOS_ID, EOS_ID, IMAGE_TOKEN_ID, PAD_ID
+
+DEMO_IMAGE_SIZE = 32
+DEMO_PATCH_SIZE = 4
+DEMO_VOCAB_SIZE = 256
+DEMO_IMAGE_TOKENS = (DEMO_IMAGE_SIZE // DEMO_PATCH_SIZE) ** 2
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "demo_vlm"
+
+# KeepLoRA targets of the demo model: every attention and MLP projection of the language model
+DEMO_LANGUAGE_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+
+
+# Words of the synthetic benchmark beyond the tiny models' list. Fixed here, not derived, because the pre-trained
+# checkpoint's embedding rows are tied to these ids; tests check the benchmark's words are all covered.
+DEMO_EXTRA_WORDS = (
+    "dots", "bar", "bars", "border", "light", "lights", "flash", "flashes", "times", "appeared", "appears",
+    "biggest", "smallest", "largest", "lines", "box", "boxes", "blob", "blobs", "letter",
+)  # fmt: skip
+
+
+def demo_vocabulary() -> tuple[str, ...]:
+    return TINY_VOCABULARY + tuple(w for w in DEMO_EXTRA_WORDS if w not in TINY_VOCABULARY)
+
+
+def demo_config() -> LlavaConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        projection_dim=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=DEMO_IMAGE_SIZE,
+        patch_size=DEMO_PATCH_SIZE,
+        attention_dropout=0.0,
+    )
+    text = LlamaConfig(
+        vocab_size=DEMO_VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+    )
+    # the last vision layer feeds the projector, so every vision layer learns (real LLaVA uses -2 of 24 layers)
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN_ID,
+        image_seq_length=DEMO_IMAGE_TOKENS,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+
+
+def build_demo_model(seed: int = 0) -> LlavaForConditionalGeneration:
+    """A randomly initialised demo model, the starting point of `keeplora-hf pretrain`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlavaForConditionalGeneration(demo_config())
+
+
+def build_demo_processor() -> LlavaProcessor:
+    tokenizer = build_tiny_tokenizer("llava", words=demo_vocabulary(), vocab_size=DEMO_VOCAB_SIZE)
+    size = {"shortest_edge": DEMO_IMAGE_SIZE}
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessor(size=size, crop_size={"height": DEMO_IMAGE_SIZE, "width": DEMO_IMAGE_SIZE}),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        patch_size=DEMO_PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def load_demo_model(path: str | Path | None = None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """The pre-trained demo model and its processor, from `path` or the checkpoint shipped with the package."""
+    path = Path(path) if path is not None else SHIPPED_CHECKPOINT
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"no pre-trained demo model at {path}; create one with `keeplora-hf pretrain --output-dir {path}`"
+        )
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    return model, AutoProcessor.from_pretrained(path)
