@@ -20,6 +20,7 @@ def _demo(args: argparse.Namespace) -> None:
             seeds=tuple(range(args.seeds)),
             model_path=args.model,
             overwrite=args.overwrite,
+            video=args.video,
         )
     )
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                       help=f"methods to compare, or 'all'; choices: {', '.join(METHODS)}")
     demo.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...); the summary gives mean ± std")
+    demo.add_argument("--video", action="store_true", help="also run the video sequence on a tiny LLaVA-NeXT-Video")
     demo.add_argument("--model", default=None, help="a pre-trained demo model directory (default: the shipped one)")
     demo.add_argument("--overwrite", action="store_true", help="replace results of a run with other settings")
     demo.set_defaults(func=_demo)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
 from peft import get_peft_model
+from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from .baselines import DEFAULT_METHODS, METHODS, Method
@@ -21,10 +23,17 @@ from .continual.evaluation import answer_exact_match
 from .continual.metrics import METRIC_NAMES, compute_all
 from .continual.report import terminal_summary, to_jsonable, write_report
 from .data.collators import VLMChatCollator
-from .data.formats import load_llava_json
+from .data.formats import load_llava_json, load_video_qa_json
 from .data.synthetic.tasks import IMAGE_TASKS
 from .data.synthetic.writer import write_benchmark
-from .models.demo import DEMO_LANGUAGE_TARGETS, load_demo_model
+from .data.synthetic.videos import NUM_FRAMES
+from .models.demo import (
+    DEMO_LANGUAGE_TARGETS,
+    VIDEO_MAX_LENGTH,
+    build_demo_video_processor,
+    load_demo_model,
+    video_model_from_image_model,
+)
 from .models.pretrain import MAX_LENGTH
 
 logger = logging.getLogger(__name__)
@@ -37,6 +46,9 @@ class DemoSettings:
     output_dir: str = "keeplora-demo"
     methods: tuple[str, ...] = DEFAULT_METHODS
     tasks: tuple[str, ...] = IMAGE_TASKS
+    video: bool = False
+    video_train_size: int = 200
+    video_eval_size: int = 60
     seeds: tuple[int, ...] = (0,)
     train_size: int = 480
     eval_size: int = 120
@@ -52,58 +64,83 @@ class DemoSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Sequence:
+    """One continual benchmark: its tasks, general sets, collator and how to get a fresh pre-trained base model."""
+
+    name: str
+    tasks: list[ContinualTask]
+    general: list[GeneralSet]
+    collator: VLMChatCollator
+    load_base: Callable[[], nn.Module]
+
+
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
-    """Run every (seed, method) pair, resuming finished ones, and write per-seed results plus a summary."""
+    """Run every (sequence, seed, method), resuming finished ones; write per-seed results and a summary."""
     unknown = [m for m in settings.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)} or 'all'")
     out = Path(settings.output_dir)
     data = _benchmark_data(out / "data", settings)
+    sequences = [_image_sequence(data, settings)] + ([_video_sequence(data, settings)] if settings.video else [])
+    summary: dict[str, Any] = {"settings": asdict(settings), "sequences": {}}
+    for sequence in sequences:
+        per_seed = {seed: _run_seed(sequence, settings, seed, out / sequence.name / f"seed{seed}") for seed in settings.seeds}
+        summary["sequences"][sequence.name] = _summary(per_seed, settings)
+        print(terminal_summary(per_seed[settings.seeds[-1]]))
+    atomic_write_json(out / "summary.json", to_jsonable(summary))
+    (out / "summary.md").write_text(summary_markdown(summary))
+    print(summary_markdown(summary))
+    return summary
+
+
+def _run_seed(sequence: Sequence, settings: DemoSettings, seed: int, out: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "tasks": [t.name for t in sequence.tasks], "methods": {}, "config": asdict(settings), "seed": seed,
+    }
+    for name in settings.methods:
+        entry = _run_method(METHODS[name], sequence, settings, seed, out / _slug(name))
+        results["methods"][name] = entry["methods"][name]
+        results["versions"] = entry.get("versions", {})
+    write_report(results, out)
+    return results
+
+
+def _image_sequence(data: dict[str, Any], settings: DemoSettings) -> Sequence:
     _, processor = load_demo_model(settings.model_path)
     collator = VLMChatCollator(processor, max_length=MAX_LENGTH, model_family="llava")
     metric = answer_exact_match(collator, batch_size=64)
     tasks = [ContinualTask(name, split["train"], split["eval"], metric) for name, split in data["tasks"].items()]
     general = [GeneralSet("general", data["general"], metric)]
-
-    per_seed = {}
-    for seed in settings.seeds:
-        results: dict[str, Any] = {"tasks": [t.name for t in tasks], "methods": {}, "config": asdict(settings), "seed": seed}
-        for name in settings.methods:
-            method_dir = out / f"seed{seed}" / _slug(name)
-            entry = _run_method(METHODS[name], tasks, general, collator, settings, seed, method_dir)
-            results["methods"][name] = entry["methods"][name]
-            results["versions"] = entry.get("versions", {})
-        write_report(results, out / f"seed{seed}")
-        per_seed[seed] = results
-    summary = _summary(per_seed, settings)
-    atomic_write_json(out / "summary.json", to_jsonable(summary))
-    (out / "summary.md").write_text(summary_markdown(summary))
-    print(terminal_summary(per_seed[settings.seeds[-1]]))
-    print(summary_markdown(summary))
-    return summary
+    return Sequence("image", tasks, general, collator, lambda: load_demo_model(settings.model_path)[0])
 
 
-def _run_method(
-    method: Method,
-    tasks: list[ContinualTask],
-    general: list[GeneralSet],
-    collator: VLMChatCollator,
-    settings: DemoSettings,
-    seed: int,
-    out: Path,
-) -> dict[str, Any]:
+def _video_sequence(data: dict[str, Any], settings: DemoSettings) -> Sequence:
+    """The video tasks on a LLaVA-NeXT-Video that starts from the pre-trained image model's weights."""
+    processor = build_demo_video_processor()
+    collator = VLMChatCollator(processor, max_length=VIDEO_MAX_LENGTH, model_family="llava_next_video",
+                               num_frames=NUM_FRAMES)
+    metric = answer_exact_match(collator, batch_size=16)
+    tasks = [ContinualTask(name, split["train"], split["eval"], metric) for name, split in data["video_tasks"].items()]
+    general = [GeneralSet("general", data["general"], metric)]
+    return Sequence("video", tasks, general, collator,
+                    lambda: video_model_from_image_model(load_demo_model(settings.model_path)[0]))
+
+
+def _run_method(method: Method, sequence: Sequence, settings: DemoSettings, seed: int, out: Path) -> dict[str, Any]:
     if (out / "results.json").exists() and not settings.overwrite:
         return read_json(out / "results.json")
-    base, _ = load_demo_model(settings.model_path)
+    base = sequence.load_base()
+    tasks, general = sequence.tasks, sequence.general
     if method.kind == "none":
         return _zero_shot(method, base, tasks, general, out)
     torch.manual_seed(seed)
     model = get_peft_model(base, method.make_config(settings.rank, settings.alpha, DEMO_LANGUAGE_TARGETS, base))
     args = _training_args(settings, seed, out / "trainer")
     if method.kind == "joint":
-        return _joint(method, model, tasks, general, collator, args, out)
+        return _joint(method, model, tasks, general, sequence.collator, args, out)
     runner = ContinualRunner(
-        model, tasks, args, out, general_sets=general, data_collator=collator, method=method.name,
+        model, tasks, args, out, general_sets=general, data_collator=sequence.collator, method=method.name,
         run_config={"demo": _training_settings(settings)}, overwrite=settings.overwrite,
     )
     return runner.run()
@@ -184,17 +221,35 @@ def _benchmark_data(data_dir: Path, settings: DemoSettings) -> dict[str, Any]:
             train_size=settings.train_size,
             eval_size=settings.eval_size,
             tasks=settings.tasks,
+            videos=settings.video,
+            video_train_size=settings.video_train_size,
+            video_eval_size=settings.video_eval_size,
             seed=settings.data_seed,
         )
     manifest = read_json(manifest_file)
+    if settings.video and "video_tasks" not in manifest:  # first --video run over an image-only benchmark
+        manifest_file.unlink()
+        return _benchmark_data(data_dir, settings)
     if manifest["image_task_order"] != list(settings.tasks):
         raise ValueError(f"{data_dir} holds a benchmark of other tasks {manifest['image_task_order']}; use --overwrite")
 
     def load(entry: dict[str, Any]) -> Dataset:
         return load_llava_json(data_dir / entry["path"], data_dir)
 
-    tasks = {name: {split: load(manifest["image_tasks"][name][split]) for split in ("train", "eval")} for name in settings.tasks}
-    return {"tasks": tasks, "general": load(manifest["general"]["eval"])}
+    def load_video(entry: dict[str, Any]) -> Dataset:
+        return load_video_qa_json(data_dir / entry["path"], data_dir)
+
+    splits = ("train", "eval")
+    data = {
+        "tasks": {name: {split: load(manifest["image_tasks"][name][split]) for split in splits} for name in settings.tasks},
+        "general": load(manifest["general"]["eval"]),
+    }
+    if settings.video:
+        data["video_tasks"] = {
+            name: {split: load_video(manifest["video_tasks"][name][split]) for split in splits}
+            for name in manifest["video_task_order"]
+        }
+    return data
 
 
 def _summary(per_seed: dict[int, dict[str, Any]], settings: DemoSettings) -> dict[str, Any]:
@@ -206,7 +261,7 @@ def _summary(per_seed: dict[int, dict[str, Any]], settings: DemoSettings) -> dic
             k: {"mean": _nanstat(np.nanmean, v), "std": _nanstat(np.nanstd, v), "n": int(np.sum(~np.isnan(np.array(v, dtype=float))))}
             for k, v in values.items()
         }
-    return {"seeds": list(per_seed), "methods": methods, "settings": asdict(settings)}
+    return {"seeds": list(per_seed), "methods": methods}
 
 
 def _nanstat(fn, values: list[float | None]) -> float:
@@ -215,21 +270,24 @@ def _nanstat(fn, values: list[float | None]) -> float:
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
-    """The README's table: metrics in %, mean ± std over seeds."""
+    """The README's tables: one per sequence, metrics in %, mean ± std over seeds."""
     keys = ("mft", "mfn", "maa", "bwt", "forgetting", "transfer", "avg", "last", "general_retention")
-    lines = [
-        f"Seeds: {', '.join(map(str, summary['seeds']))} (mean ± std, %)",
-        "",
-        "| method | " + " | ".join(keys) + " |",
-        "| --- | " + " | ".join("---:" for _ in keys) + " |",
-    ]
-    for name, metrics in summary["methods"].items():
-        cells = []
-        for key in keys:
-            m = metrics[key]
-            cells.append("–" if np.isnan(m["mean"]) else f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    lines = []
+    for name, sequence in summary["sequences"].items():
+        lines += [
+            f"### {name} sequence — seeds {', '.join(map(str, sequence['seeds']))} (mean ± std, %)",
+            "",
+            "| method | " + " | ".join(keys) + " |",
+            "| --- | " + " | ".join("---:" for _ in keys) + " |",
+        ]
+        for method, metrics in sequence["methods"].items():
+            cells = []
+            for key in keys:
+                m = metrics[key]
+                cells.append("–" if np.isnan(m["mean"]) else f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _slug(name: str) -> str:

@@ -17,16 +17,24 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaNextVideoProcessor,
+    LlavaNextVideoVideoProcessor,
     LlavaProcessor,
 )
 
 from .processors import CHAT_TEMPLATE, TINY_VOCABULARY, build_tiny_tokenizer
-from .tiny import BOS_ID, EOS_ID, IMAGE_TOKEN_ID, PAD_ID
+from .tiny import BOS_ID, EOS_ID, IMAGE_TOKEN_ID, PAD_ID, VIDEO_TOKEN_ID
 
 DEMO_IMAGE_SIZE = 32
 DEMO_PATCH_SIZE = 4
 DEMO_VOCAB_SIZE = 256
 DEMO_IMAGE_TOKENS = (DEMO_IMAGE_SIZE // DEMO_PATCH_SIZE) ** 2
+VIDEO_POOL_STRIDE = 2
+VIDEO_FRAMES = 8
+VIDEO_MAX_LENGTH = 256  # 8 frames x 16 pooled patches = 128 video tokens, plus the question
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "demo_vlm"
 
 # KeepLoRA targets of the demo model: every attention and MLP projection of the language model
@@ -87,17 +95,58 @@ def build_demo_model(seed: int = 0) -> LlavaForConditionalGeneration:
         return LlavaForConditionalGeneration(demo_config())
 
 
+_SQUARE = {"size": {"shortest_edge": DEMO_IMAGE_SIZE}, "crop_size": {"height": DEMO_IMAGE_SIZE, "width": DEMO_IMAGE_SIZE}}
+_PLACEHOLDERS = {"patch_size": DEMO_PATCH_SIZE, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+
+
+def _demo_tokenizer():
+    return build_tiny_tokenizer("llava", words=demo_vocabulary(), vocab_size=DEMO_VOCAB_SIZE)
+
+
 def build_demo_processor() -> LlavaProcessor:
-    tokenizer = build_tiny_tokenizer("llava", words=demo_vocabulary(), vocab_size=DEMO_VOCAB_SIZE)
-    size = {"shortest_edge": DEMO_IMAGE_SIZE}
     return LlavaProcessor(
-        image_processor=CLIPImageProcessor(size=size, crop_size={"height": DEMO_IMAGE_SIZE, "width": DEMO_IMAGE_SIZE}),
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-        patch_size=DEMO_PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+        image_processor=CLIPImageProcessor(**_SQUARE), tokenizer=_demo_tokenizer(), chat_template=CHAT_TEMPLATE,
+        **_PLACEHOLDERS,
     )
+
+
+def build_demo_video_processor() -> LlavaNextVideoProcessor:
+    return LlavaNextVideoProcessor(
+        video_processor=LlavaNextVideoVideoProcessor(**_SQUARE),
+        image_processor=LlavaNextImageProcessor(**_SQUARE, image_grid_pinpoints=[[DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE]]),
+        tokenizer=_demo_tokenizer(),
+        chat_template=CHAT_TEMPLATE,
+        **_PLACEHOLDERS,
+    )
+
+
+def video_model_from_image_model(image_model: LlavaForConditionalGeneration) -> LlavaNextVideoForConditionalGeneration:
+    """A LLaVA-NeXT-Video whose vision tower, projector and language model are the pre-trained image model's.
+
+    Frames go through the same tower, are pooled 2x2 and projected, so the video model starts with the image
+    model's general knowledge and only has to learn what time adds.
+    """
+    image_config = image_model.config
+    config = LlavaNextVideoConfig(
+        vision_config=image_config.vision_config.to_dict(),
+        text_config=image_config.text_config.to_dict(),
+        image_token_index=IMAGE_TOKEN_ID,
+        video_token_index=VIDEO_TOKEN_ID,
+        vision_feature_layer=image_config.vision_feature_layer,
+        vision_feature_select_strategy="default",
+        spatial_pool_mode="average",
+        spatial_pool_stride=VIDEO_POOL_STRIDE,
+        image_grid_pinpoints=[[DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE]],
+        image_seq_length=DEMO_IMAGE_TOKENS,
+        video_seq_length=VIDEO_FRAMES * (DEMO_IMAGE_SIZE // DEMO_PATCH_SIZE // VIDEO_POOL_STRIDE) ** 2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlavaNextVideoForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(image_model.state_dict(), strict=False)
+    if unexpected or set(missing) - {"model.image_newline"}:
+        raise RuntimeError(f"image and video models differ: missing {missing}, unexpected {unexpected}")
+    return model
 
 
 def load_demo_model(path: str | Path | None = None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:

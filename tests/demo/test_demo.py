@@ -1,0 +1,55 @@
+"""A short demo run: every kind of method goes through the harness and lands in results, plots and a summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from keeplora_hf.cli import build_parser
+from keeplora_hf.demo import DemoSettings, run_demo
+from keeplora_hf.models.pretrain import PretrainSettings, pretrain
+
+
+@pytest.fixture(scope="module")
+def quick_model(tmp_path_factory):
+    """A barely pre-trained demo model: the harness is under test here, not the model's knowledge."""
+    path = tmp_path_factory.mktemp("model") / "demo_vlm"
+    pretrain(path, PretrainSettings(steps=2, batch_size=8, corpus_size=16, eval_size=10))
+    return path
+
+
+@pytest.mark.slow
+def test_short_demo_run_writes_results_and_resumes(tmp_path, quick_model, capsys):
+    settings = DemoSettings(
+        output_dir=str(tmp_path / "demo"),
+        methods=("zero-shot", "keeplora++", "osf", "joint-lora"),
+        tasks=("count_dots", "digits"),
+        train_size=16, eval_size=8, general_size=10, epochs=1, batch_size=8,
+        model_path=str(quick_model), video=True, video_train_size=8, video_eval_size=4,
+    )
+    summary = run_demo(settings)
+    out = tmp_path / "demo"
+    assert set(summary["sequences"]["image"]["methods"]) == set(settings.methods)
+    results = json.loads((out / "image" / "seed0" / "results.json").read_text())
+    assert results["tasks"] == ["count_dots", "digits"]
+    for name, entry in results["methods"].items():
+        assert len(entry["accuracy_matrix"]) == 3, name
+        assert set(entry["general"]) == {"general"}
+    assert results["methods"]["joint-lora"]["accuracy_matrix"][1] == [None, None]
+    assert (out / "summary.md").exists() and list((out / "image" / "seed0").glob("heatmap_*.png"))
+    assert (out / "data" / "manifest.json").exists()
+    assert "| keeplora++ |" in capsys.readouterr().out
+    video = json.loads((out / "video" / "seed0" / "results.json").read_text())
+    assert video["tasks"] == ["direction", "flash_count", "first_colour"]
+    assert len(video["methods"]["keeplora++"]["accuracy_matrix"]) == 4
+
+    # a second call finds every method done and only re-reads results
+    again = run_demo(settings)
+    assert json.loads(json.dumps(again, default=str)) == json.loads(json.dumps(summary, default=str))
+
+
+def test_cli_rejects_unknown_methods(tmp_path):
+    args = build_parser().parse_args(["demo", "--methods", "nope", "--output-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="unknown methods"):
+        args.func(args)
