@@ -24,7 +24,7 @@ def test_short_demo_run_writes_results_and_resumes(tmp_path, quick_model, capsys
     settings = DemoSettings(
         output_dir=str(tmp_path / "demo"),
         methods=("zero-shot", "keeplora++", "osf", "joint-lora"),
-        tasks=("count_dots", "digits"),
+        tasks=("count_red", "digits"),
         train_size=16, eval_size=8, general_size=10, epochs=1, batch_size=8,
         model_path=str(quick_model), video=True, video_train_size=8, video_eval_size=4,
     )
@@ -32,7 +32,7 @@ def test_short_demo_run_writes_results_and_resumes(tmp_path, quick_model, capsys
     out = tmp_path / "demo"
     assert set(summary["sequences"]["image"]["methods"]) == set(settings.methods)
     results = json.loads((out / "image" / "seed0" / "results.json").read_text())
-    assert results["tasks"] == ["count_dots", "digits"]
+    assert results["tasks"] == ["count_red", "digits"]
     for name, entry in results["methods"].items():
         assert len(entry["accuracy_matrix"]) == 3, name
         assert set(entry["general"]) == {"general"}
