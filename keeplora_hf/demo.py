@@ -28,7 +28,7 @@ from .data.synthetic.tasks import IMAGE_TASKS
 from .data.synthetic.writer import write_benchmark
 from .data.synthetic.videos import NUM_FRAMES
 from .models.demo import (
-    DEMO_LANGUAGE_TARGETS,
+    DEMO_TARGETS,
     VIDEO_MAX_LENGTH,
     build_demo_video_processor,
     load_demo_model,
@@ -55,7 +55,7 @@ class DemoSettings:
     general_size: int = 300
     epochs: float = 3.0
     batch_size: int = 32
-    learning_rate: float = 3e-3
+    learning_rate: float = 5e-3
     rank: int = 8
     alpha: float = 16.0
     model_path: str | None = None
@@ -135,7 +135,7 @@ def _run_method(method: Method, sequence: Sequence, settings: DemoSettings, seed
     if method.kind == "none":
         return _zero_shot(method, base, tasks, general, out)
     torch.manual_seed(seed)
-    model = get_peft_model(base, method.make_config(settings.rank, settings.alpha, DEMO_LANGUAGE_TARGETS, base))
+    model = get_peft_model(base, method.make_config(settings.rank, settings.alpha, DEMO_TARGETS, base))
     args = _training_args(settings, seed, out / "trainer")
     if method.kind == "joint":
         return _joint(method, model, tasks, general, sequence.collator, args, out)

@@ -37,8 +37,11 @@ VIDEO_FRAMES = 8
 VIDEO_MAX_LENGTH = 256  # 8 frames x 16 pooled patches = 128 video tokens, plus the question
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "demo_vlm"
 
-# KeepLoRA targets of the demo model: every attention and MLP projection of the language model
+# KeepLoRA targets of the demo model: every attention and MLP projection of the language model, and of the vision
+# tower (the benchmark's tasks need new visual features, e.g. reading digits, that a frozen tower would not give)
 DEMO_LANGUAGE_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+DEMO_VISION_TARGETS = r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
+DEMO_TARGETS = f"({DEMO_LANGUAGE_TARGETS})|({DEMO_VISION_TARGETS})"
 
 
 def demo_vocabulary() -> tuple[str, ...]:
