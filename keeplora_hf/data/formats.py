@@ -358,7 +358,7 @@ def load_classification(
         elif set(folders) - set(names):
             raise DataFormatError([f"{source}: sub-folders {sorted(set(folders) - set(names))} not in class_names"])
         raw = [
-            {image_column: str(image), label_column: folder}
+            {image_column: str(image.resolve()), label_column: folder}
             for folder in folders
             for image in sorted((source / folder).iterdir())
             if image.suffix.lower() in IMAGE_EXTENSIONS

@@ -1,0 +1,200 @@
+"""Recipe arguments: YAML plus overrides, complete real-checkpoint configs, GPU options and what is refused."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import get_peft_model
+
+from keeplora_hf.continual.generation import NORMALIZERS
+from keeplora_hf.models import build_tiny
+from keeplora_hf.models.tiny import matching_modules
+from keeplora_hf.recipes_common import (
+    PROJECTOR_MODULES,
+    ModelArguments,
+    _quantization_config,
+    keeplora_config,
+    parse_recipe_args,
+    projector_optimizer,
+    refuse_sharded_parameters,
+    seed_principal_energy,
+)
+from keeplora_hf.subspace import principal_basis
+from recipe_helpers import RECIPES, recipe_main
+
+CPU = ["--bf16", "false", "--use_cpu", "true"]  # the 7B configs ask for bf16, which this CPU-only machine refuses
+REAL_CONFIGS = sorted(p for p in RECIPES.glob("*/config_*.yaml") if p.name != "config_tiny.yaml")
+# the tiny architecture each checkpoint's module names are checked against (same transformers classes)
+TINY_OF = {
+    "llava-hf/llava-1.5-7b-hf": "llava",
+    "Qwen/Qwen2-VL-7B-Instruct": "qwen2_vl",
+    "LanguageBind/Video-LLaVA-7B-hf": "video_llava",
+    "openai/clip-vit-base-patch16": "clip",
+}
+ORDERS = {  # ALGORITHM.md
+    "ucit": ["ImageNet-R", "ArxivQA", "VizWiz", "IconQA", "CLEVR-Math", "Flickr30k"],
+    "coin": ["ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCR-VQA"],
+    "clvista": ["Counting", "Space", "Traffic", "Movie", "GUI", "Science", "Sports", "STAR"],
+    "mtil_order1": ["Aircraft", "Caltech101", "CIFAR100", "DTD", "EuroSAT", "Flowers", "Food", "MNIST", "OxfordPet",
+                    "StanfordCars", "SUN397"],
+    "mtil_order2": ["StanfordCars", "Food", "MNIST", "OxfordPet", "Flowers", "SUN397", "Aircraft", "Caltech101", "DTD",
+                    "EuroSAT", "CIFAR100"],
+}
+# reference settings of ALGORITHM.md: r, alpha, eps_w, eps_f, gradient data, lr, projector lr
+REFERENCE = {
+    "llava": (32, 8, 0.6, 0.99, 0.2, 2e-4, 2e-5),
+    "video": (64, 128, 0.6, 0.99, 0.1, 1e-4, 1e-5),
+    "clip": (16, 1, 0.85, 0.99, 1.0, 1e-3, None),
+}
+
+
+def test_yaml_values_are_defaults_and_flags_override(tmp_path):
+    config = parse_recipe_args([str(RECIPES / "llava_vqa" / "config_tiny.yaml"), "--learning_rate", "5e-3",
+                                "--keeplora.r", "8", "--keeplora.principal_energy=0.5", "--max_length", "64",
+                                "--output_dir", str(tmp_path)])
+    assert config.training.learning_rate == 5e-3 and config.data.max_length == 64
+    assert config.keeplora["r"] == 8 and config.keeplora["principal_energy"] == 0.5
+    assert config.training.per_device_train_batch_size == 4  # from the YAML
+    assert config.model.model_name_or_path == "tiny:llava" and config.model.train_projector is True
+    assert [t["name"] for t in config.tasks] == ["colour", "pair", "choice"]
+    again = parse_recipe_args(["--config", str(RECIPES / "llava_vqa" / "config_tiny.yaml"), "--output_dir", str(tmp_path)])
+    assert again.training.learning_rate == 1e-2
+
+
+def test_unknown_yaml_keys_are_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    config = yaml.safe_load((RECIPES / "llava_vqa" / "config_tiny.yaml").read_text())
+    path.write_text(yaml.safe_dump({**config, "learning_rat": 1e-3}))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: unknown keys \['learning_rat'\]"):
+        parse_recipe_args([str(path)])
+    with pytest.raises(ValueError, match=r"unknown KeepLoRAConfig fields \['rank'\]"):
+        keeplora_config({"rank": 4, "target_modules": "x"})
+    with pytest.raises(ValueError, match="target_modules is required"):
+        keeplora_config({"r": 4})
+
+
+@pytest.mark.parametrize("path", REAL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_real_configs_are_complete(path: Path):
+    """Reference settings, the task order, valid metrics, and targets / projector that exist in the architecture."""
+    config = parse_recipe_args([str(path), *CPU])
+    assert config.data.data_root.startswith("/path/to/")  # the one thing to set
+    assert config.model.torch_dtype in ("bfloat16", "float32") and not config.model.model_name_or_path.startswith("tiny:")
+    order = next(v for k, v in ORDERS.items() if f"config_{k}_" in path.name)
+    assert [t["name"] for t in config.tasks] == order
+    peft_config, pattern = keeplora_config(config.keeplora)
+    kind = "clip" if path.parent.name == "clip_mtil" else "video" if path.parent.name == "video_llm" else "llava"
+    r, alpha, eps_w, eps_f, ratio, lr, projector_lr = REFERENCE[kind]
+    assert (peft_config.r, peft_config.lora_alpha, peft_config.principal_energy, peft_config.feature_energy,
+            peft_config.gradient_data_ratio, peft_config.layer_scale_gamma) == (r, alpha, eps_w, eps_f, ratio, 0.2)
+    assert config.training.learning_rate == lr and config.training.num_train_epochs >= 1
+    tiny = build_tiny(TINY_OF[config.model.model_name_or_path]).model
+    names = matching_modules(tiny, peft_config.target_modules)
+    if kind == "clip":
+        assert pattern == {r"text_model\.": 0.2} and config.training.weight_decay == 0.01
+        leaves = {"q_proj", "k_proj", "v_proj", "out_proj"}
+        assert {n.split(".")[0] for n in names} == {"vision_model", "text_model"}
+        for task in config.tasks:
+            assert {"name", "train", "eval"} <= set(task) and "{}" in task.get("prompt", config.data.clip_prompt)
+    else:
+        assert config.model.train_projector and config.model.projector_learning_rate == projector_lr
+        assert yaml.safe_load(path.read_text())["bf16"] is True
+        leaves = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        assert all(".language_model." in n for n in names)
+        family = "qwen2_vl" if "Qwen" in config.model.model_name_or_path else "llava"
+        projector = PROJECTOR_MODULES[family][0]
+        assert any(n.endswith(projector) for n, _ in tiny.named_modules())
+        for task in config.tasks:
+            assert {"name", "train_file", "eval_file"} <= set(task) and task["metric"] in NORMALIZERS
+    assert {n.rsplit(".", 1)[-1] for n in names} == leaves
+
+
+def test_recipes_readme_gives_the_launch_command_of_every_config():
+    readme = (RECIPES / "README.md").read_text()
+    for path in REAL_CONFIGS:
+        relative = f"recipes/{path.parent.name}/{path.name}"
+        assert re.search(rf"accelerate launch --config_file recipes/accelerate_configs/\S+\.yaml \\\s*\n\s*"
+                         rf"recipes/{path.parent.name}/train\.py {re.escape(relative)}", readme), relative
+    for name in ("cpu", "single_gpu", "multi_gpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3"):
+        assert (RECIPES / "accelerate_configs" / f"{name}.yaml").is_file()
+        assert f"accelerate_configs/{name}.yaml" in readme
+
+
+def test_zero3_and_fsdp_are_refused_before_anything_loads(tmp_path, monkeypatch):
+    config = parse_recipe_args([str(RECIPES / "llava_vqa" / "config_tiny.yaml"), "--output_dir", str(tmp_path / "run")])
+    refuse_sharded_parameters(config.training)  # plain: fine
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    refuse_sharded_parameters(config.training)  # ZeRO-2 keeps whole weights on every rank
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(NotImplementedError, match="ZeRO-3 shards every weight.*GatheredParameters"):
+        recipe_main("llava_vqa")([str(RECIPES / "llava_vqa" / "config_tiny.yaml"), "--output_dir", str(tmp_path / "run"),
+                                  "--data_root", str(tmp_path / "data")])
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
+    with pytest.raises(NotImplementedError, match="FSDP shards the weights"):
+        refuse_sharded_parameters(config.training)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    config.training.deepspeed = {"zero_optimization": {"stage": 3}}
+    with pytest.raises(NotImplementedError, match="ZeRO-3"):
+        refuse_sharded_parameters(config.training)
+
+
+def test_quantized_loading_needs_a_gpu_and_unquantized_targets():
+    args = ModelArguments(model_name_or_path="x", load_in_4bit=True, quantization_skip_modules=["q_proj"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="need a CUDA GPU"):
+            _quantization_config(args, "llava")
+    else:
+        pytest.importorskip("bitsandbytes")
+        quantization = _quantization_config(args, "llava")
+        assert set(quantization.llm_int8_skip_modules) == {"q_proj", "multi_modal_projector", "lm_head"}
+        with pytest.raises(ValueError, match="quantization_skip_modules to the KeepLoRA target names"):
+            _quantization_config(ModelArguments(model_name_or_path="x", load_in_8bit=True), "llava")
+
+
+def test_projector_gets_its_own_learning_rate(tmp_path):
+    from keeplora_hf import KeepLoRATrainer
+
+    config = parse_recipe_args([str(RECIPES / "llava_vqa" / "config_tiny.yaml"), "--output_dir", str(tmp_path)])
+    peft_config, _ = keeplora_config(config.keeplora, PROJECTOR_MODULES["llava"])
+    model = get_peft_model(build_tiny("llava").model, peft_config)
+    kwargs = projector_optimizer(config.training, 1e-3)
+    trainer = KeepLoRATrainer(model=model, args=config.training, **kwargs)
+    optimizer = trainer.create_optimizer()
+    by_lr = {}
+    for group in optimizer.param_groups:
+        by_lr.setdefault(group["lr"], []).extend(group["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert set(by_lr) == {1e-2, 1e-3}
+    assert all("modules_to_save" in names[id(p)] for p in by_lr[1e-3]) and len(by_lr[1e-3]) == 4  # 2 linears
+    assert all("lora_B" in names[id(p)] for p in by_lr[1e-2])
+    assert projector_optimizer(config.training, None) == {}
+
+
+def test_principal_energy_pattern_seeds_the_text_tower():
+    peft_config, pattern = keeplora_config({"r": 4, "lora_alpha": 1, "principal_energy": 0.85,
+                                            "principal_energy_pattern": {r"text_model\.": 0.2},
+                                            "target_modules": r".*encoder\.layers\.\d+\.self_attn\.(q_proj|v_proj)"})
+    original = build_tiny("clip").model
+    weights = {n: m.weight.detach().clone() for n, m in original.named_modules() if n.endswith(("q_proj", "v_proj"))}
+    model = get_peft_model(original, peft_config)
+    seeded = seed_principal_energy(model, pattern)
+    assert seeded and all("text_model" in name for name in seeded)
+    for name, module in model.base_model.model.named_modules():
+        state = module.__dict__.get("keeplora_state", {}).get("default")
+        if state is None:
+            continue
+        if "text_model" in name:
+            assert state.principal.shape[1] == principal_basis(weights[name], 0.2).shape[1] < principal_basis(
+                weights[name], 0.85).shape[1]
+        else:
+            assert state.principal is None  # begin_task computes it with principal_energy
+    with pytest.raises(ValueError, match="matches no KeepLoRA target"):
+        seed_principal_energy(get_peft_model(build_tiny("clip").model, peft_config), {"nothing_here": 0.1})
