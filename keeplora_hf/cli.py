@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("pretrain", help="pre-train the demo VLM on the general synthetic corpus")
     pre.add_argument("--output-dir", required=True)
-    pre.add_argument("--steps", type=int, default=3000)
+    pre.add_argument("--steps", type=int, default=2500)
     pre.add_argument("--batch-size", type=int, default=48)
     pre.add_argument("--seed", type=int, default=0)
     pre.set_defaults(func=_pretrain)

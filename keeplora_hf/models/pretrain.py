@@ -28,7 +28,7 @@ MAX_LENGTH = 128
 class PretrainSettings:
     """Everything that decides the pre-trained weights; with the same values the run is repeatable."""
 
-    steps: int = 3000
+    steps: int = 2500
     batch_size: int = 48
     learning_rate: float = 1e-3
     corpus_size: int = 24000
