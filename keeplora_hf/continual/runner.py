@@ -79,6 +79,9 @@ class ContinualRunner:
         run_config: dict[str, Any] | None = None,
         overwrite: bool = False,
         trainer_kwargs: dict[str, Any] | None = None,
+        continue_from: str | Path | None = None,
+        push_to_hub: str | None = None,
+        hub_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.tasks = list(tasks)
@@ -95,7 +98,15 @@ class ContinualRunner:
         self.adapter = model.active_adapter
         self.learned = 0  # tasks learned so far, restored by resume
         _validate_tasks(self.tasks, self.general_sets)
+        self.push_to_hub = push_to_hub
+        self.hub_kwargs = hub_kwargs or {}
+        if push_to_hub is not None:
+            from ..hub import check_repo_id
+
+            check_repo_id(push_to_hub)  # a malformed id fails now, not after the whole sequence
         self.run_config = self._describe(run_config or {})
+        if continue_from is not None:
+            self._seed(continue_from)
         self._claim_output_dir(overwrite)
 
     # -- public -----------------------------------------------------------------------------------------------
@@ -116,6 +127,10 @@ class ContinualRunner:
         if self.state.is_main_process:
             write_report(results, self.output_dir)
             print(terminal_summary(results))
+            if self.push_to_hub is not None and self.keeplora:
+                from ..hub import push_run
+
+                push_run(self.output_dir, self.push_to_hub, model=self.model, **self.hub_kwargs)
         self.state.wait_for_everyone()
         return results
 
@@ -213,6 +228,16 @@ class ContinualRunner:
             **extra,
         }
 
+    def _seed(self, source: str | Path) -> None:
+        """Start a new output directory from a saved run or a pushed repo (`keeplora_hf.hub.seed_run_dir`): the
+        sequence given must begin with that run's tasks; `_resume` then restores its last state."""
+        if self.state.is_main_process and not (self.output_dir / RUN_FILE).exists():
+            from ..hub import seed_run_dir
+
+            hub = {k: v for k, v in self.hub_kwargs.items() if k in ("token",)}
+            seed_run_dir(source, self.output_dir, self.tasks, **hub)
+        self.state.wait_for_everyone()
+
     def _claim_output_dir(self, overwrite: bool) -> None:
         run_file = self.output_dir / RUN_FILE
         replace = False
@@ -246,9 +271,11 @@ class ContinualRunner:
         last_adapter = None
         for index in range(1, len(self.tasks) + 1):
             task_dir = self._task_dir(index)
-            if not (task_dir / "adapter").exists():
+            if (task_dir / "adapter").exists():
+                last_adapter = task_dir / "adapter"
+            elif not (task_dir / "row.json").exists():
                 break
-            last_adapter = task_dir / "adapter"
+            # a task dir with only row.json was learned; a later adapter carries its state (a run seeded from the Hub)
             if (task_dir / "row.json").exists():
                 rows[index] = read_json(task_dir / "row.json")
         if last_adapter is not None:
@@ -258,6 +285,12 @@ class ContinualRunner:
             self.model.load_adapter(str(last_adapter), self.adapter, is_trainable=True)
             self.learned = int(last_adapter.parent.name.split("_", 1)[0])
         done = self.learned
+        orphans = [i for i in rows if i > done]
+        if orphans:
+            raise RuntimeError(
+                f"{self._task_dir(orphans[0])} has a row.json, but neither it nor a later task has an adapter: the run "
+                "directory is inconsistent"
+            )
         missing = [i for i in range(1, done + 1) if i not in rows]
         for index in missing:  # interrupted during evaluation: the task is learned, only its row is missing
             if index != done:

@@ -1,0 +1,73 @@
+"""`keeplora-hf push` and `keeplora-hf export` (registered here the way keeplora_hf.cli registers them)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+from keeplora_hf import hub
+from keeplora_hf.cli_push import add_export_parser, add_push_parser
+
+from conftest import FakeHfApi, fresh_base, tree_digest
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="keeplora-hf")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_push_parser(sub)
+    add_export_parser(sub)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """The toy run's base model saved as a checkpoint, as a real run's base would be given on the command line."""
+    path = tmp_path_factory.mktemp("base") / "tiny-llava"
+    fresh_base().save_pretrained(path)
+    return path
+
+
+def test_export_writes_the_plain_lora_of_the_first_k_tasks(toy_run, base_dir, tmp_path, capsys):
+    main(["export", str(toy_run), str(tmp_path / "lora"), "--after-task", "1", "--base-model", str(base_dir)])
+    assert "rank 4" in capsys.readouterr().out
+    expected = hub.export_run(toy_run, tmp_path / "expected", after_task=1, base_model=fresh_base())
+    got = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    want = load_file(expected / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_export_without_a_base_model_says_how_to_give_one(toy_run, tmp_path):
+    with pytest.raises(SystemExit, match="records no base model.*--base-model"):
+        main(["export", str(toy_run), str(tmp_path / "lora")])
+    with pytest.raises(SystemExit, match="after_task must be a learned task index"):
+        main(["export", str(toy_run), str(tmp_path / "lora"), "--after-task", "0"])
+    assert not (tmp_path / "lora").exists()
+
+
+def test_push_from_the_command_line(toy_run, base_dir, tmp_path, monkeypatch, capsys):
+    api = FakeHfApi()
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    main(["push", str(toy_run), "me/toy", "--base-model", str(base_dir), "--per-task-revisions", "--private",
+          "--base-model-id", "llava-hf/llava-1.5-7b-hf", "--license", "apache-2.0", "--dataset", "me/ucit"])
+    out = capsys.readouterr().out
+    assert "pushed 13 files to me/toy" in out and "revision task-002-rule1" in out
+    assert api.calls[0][1]["private"] is True
+    (tmp_path / "README.md").write_bytes(api.files["main"]["README.md"])
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "llava-hf/llava-1.5-7b-hf" and card.data.license == "apache-2.0"
+    assert set(api.files) == {"main", "task-001-rule0", "task-002-rule1"}
+
+
+def test_push_offline_or_to_a_malformed_repo_fails_clearly(toy_run, monkeypatch):
+    before = tree_digest(toy_run)
+    with pytest.raises(SystemExit, match="malformed Hub repo id 'not a repo'"):
+        main(["push", str(toy_run), "not a repo"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match=rf"(?s)Hub is offline.*HF_HUB_OFFLINE=0 keeplora-hf push {toy_run} me/toy"):
+        main(["push", str(toy_run), "me/toy"])
+    assert tree_digest(toy_run) == before

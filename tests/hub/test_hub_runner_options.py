@@ -1,0 +1,34 @@
+"""ContinualRunner(continue_from=..., push_to_hub=...): runs once keeplora_hf/continual/runner.py has the hub patch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from keeplora_hf import hub
+from keeplora_hf.continual import ContinualRunner
+
+from conftest import FakeHfApi, toy_tasks, training_args
+from test_hub_continue import RUNNER_HAS_HUB_OPTIONS
+from toy_sequence import toy_model
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not RUNNER_HAS_HUB_OPTIONS, reason="ContinualRunner has no continue_from / push_to_hub yet")
+def test_runner_continues_a_saved_run_and_pushes_the_result(toy_run, tmp_path, monkeypatch):
+    api = FakeHfApi()
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    model, tiny = toy_model()
+    tasks, general = toy_tasks(tiny, 3)
+    out = tmp_path / "continued"
+    runner = ContinualRunner(model, tasks, training_args(tmp_path), out, general_sets=general, continue_from=toy_run,
+                             push_to_hub="me/toy", hub_kwargs={"per_task_revisions": True})
+    results = runner.run()
+    assert runner.learned == 3 and results["tasks"] == ["rule0", "rule1", "rule2"]
+    assert [c["branch"] for c in api.commits] == ["main", "task-001-rule0", "task-002-rule1", "task-003-rule2"]
+    pushed = json.loads(api.files["main"]["results.json"])
+    assert pushed["methods"]["keeplora++"]["accuracy_matrix"] == results["methods"]["keeplora++"]["accuracy_matrix"]
+    assert b"**Continued from:** a local run (`run`)" in api.files["main"]["README.md"]
+    with pytest.raises(ValueError, match="malformed Hub repo id"):
+        ContinualRunner(model, tasks, training_args(tmp_path), tmp_path / "other", push_to_hub="bad id")
