@@ -31,7 +31,6 @@ from transformers.processing_utils import ProcessorMixin
 from .tiny import (
     BOS_ID,
     EOS_ID,
-    FIRST_SPECIAL_ID,
     FIRST_TEXT_ID,
     IMAGE_SIZE,
     IMAGE_TOKEN_ID,

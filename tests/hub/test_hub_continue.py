@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import shutil
@@ -25,8 +24,6 @@ from toy_sequence import toy_model
 
 REPO = "me/keeplora-toy"
 EXACT_STATE = re.compile(r"lora_[AB]\.weight$|\.task\d+\.|\.(principal|memory|task_index|in_task)$")
-# the runner patch (continue_from=, push_to_hub=, resume from a later task's adapter) is in keeplora_hf/continual
-RUNNER_HAS_HUB_OPTIONS = "continue_from" in inspect.signature(ContinualRunner).parameters
 
 
 @pytest.fixture
@@ -183,13 +180,6 @@ def test_continuing_a_saved_run_equals_the_uninterrupted_run(toy_run, tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    not RUNNER_HAS_HUB_OPTIONS,
-    strict=True,
-    reason="needs the runner patch that resumes from the last task's adapter when earlier task directories hold only "
-    "row.json (a pushed repo keeps the last state only); without it the runner relearns tasks 1-2 (same result, "
-    "slower)",
-)
 def test_continuing_a_pushed_run_equals_the_uninterrupted_run(hub_repo, tmp_path, uninterrupted):
     out = tmp_path / "continued"
     results = continue_run(REPO, out)

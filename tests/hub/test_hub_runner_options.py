@@ -10,12 +10,10 @@ from keeplora_hf import hub
 from keeplora_hf.continual import ContinualRunner
 
 from conftest import FakeHfApi, toy_tasks, training_args
-from test_hub_continue import RUNNER_HAS_HUB_OPTIONS
 from toy_sequence import toy_model
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not RUNNER_HAS_HUB_OPTIONS, reason="ContinualRunner has no continue_from / push_to_hub yet")
 def test_runner_continues_a_saved_run_and_pushes_the_result(toy_run, tmp_path, monkeypatch):
     api = FakeHfApi()
     monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
