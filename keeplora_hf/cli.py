@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from .baselines import DEFAULT_METHODS, METHODS
+from .cli_analyze import add_analyze_parser
 from .cli_push import add_export_parser, add_push_parser
 
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--batch-size", type=int, default=48)
     pre.add_argument("--seed", type=int, default=0)
     pre.set_defaults(func=_pretrain)
+    add_analyze_parser(sub)
     add_push_parser(sub)
     add_export_parser(sub)
     return parser
