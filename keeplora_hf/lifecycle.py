@@ -12,15 +12,21 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .statistics import LossFn, all_reduce_sum_, default_loss, input_feature_pass, task_batches, weight_gradient_pass
-from .subspace import FeatureStatistics, extend_memory, principal_basis, project_out, residual_directions
-from .tuner.config import KeepLoRAConfig
-from .tuner.layer import FinishedTask, KeepLoRALayerState, apply_delta_, layer_state
-from .tuner.model import KeepLoRAModel, TaskProgress, _tuner_of, keeplora_layers
+from .statistics import (
+    LossFn,
+    all_reduce_sum_,
+    default_loss,
+    input_feature_pass,
+    output_gradient_pass,
+    task_batches,
+    weight_gradient_pass,
+)
+from .subspace import FeatureStatistics, GradientSketch, Subspace, memory_directions, principal_basis, residual_directions
+from .tuner.config import KeepLoRAConfig, state_torch_dtype
+from .tuner.layer import STATE_ATTR, FinishedTask, KeepLoRALayerState, apply_delta_, layer_state
+from .tuner.model import LAYER_CACHE_ATTR, KeepLoRAModel, TaskProgress, _tuner_of, keeplora_layers
 
 logger = logging.getLogger(__name__)
-
-BASIS_DTYPE = torch.float32
 
 
 def _context(model: nn.Module) -> tuple[KeepLoRAModel, str, KeepLoRAConfig, dict[str, LoraLayer]]:
@@ -53,25 +59,43 @@ def begin_task(
     if progress.in_task:
         raise RuntimeError(f"begin_task: task {progress.task_index} is already under way; call end_task first")
     network = getattr(model, "module", model)
+    dtype = state_torch_dtype(config)
 
     for module in layers.values():
         with torch.no_grad():
             module.lora_A[adapter].weight.zero_()
             module.lora_B[adapter].weight.zero_()
-    gradients = _mean_gradients(network, layers, dataloader, config, max_batches, loss_fn)
+    # the first task computes each layer's principal basis; it is installed only once the data pass has succeeded
+    states: dict[str, KeepLoRALayerState] = {}
+    fresh: set[str] = set()
+    for name, module in layers.items():
+        state = layer_state(module, adapter)
+        if not state.initialised:
+            weight = module.get_base_layer().weight
+            principal, energies = principal_basis(
+                weight, config.principal_energy, solver=config.principal_solver, return_energies=True
+            )
+            state = KeepLoRALayerState(
+                principal.to(dtype), principal.new_zeros(weight.shape[1], 0).to(dtype), principal_energies=energies
+            )
+            fresh.add(name)
+        state.bind(module, config.principal_solver)
+        states[name] = state
+    directions = _gradient_directions(
+        network, layers, adapter, states, dataloader, config, progress.task_index, max_batches, loss_fn
+    )
 
     cramped: dict[str, int] = {}
     for name, module in layers.items():
-        state = layer_state(module, adapter)
+        state = states[name]
         weight = module.get_base_layer().weight
-        if state.principal is None:
-            state.principal = principal_basis(weight, config.principal_energy).to(BASIS_DTYPE)
-            state.memory = torch.zeros(weight.shape[1], 0, dtype=BASIS_DTYPE, device=weight.device)
-        protected = state.protected()
         rank = module.r[adapter]
-        if weight.shape[1] - protected.shape[1] < rank:
-            cramped[name] = weight.shape[1] - protected.shape[1]
-        rows = _initial_rows(config.lora_A_init, gradients.pop(name, None), weight, protected, rank)
+        room = weight.shape[1] - state.protected_rank
+        if room < rank:
+            cramped[name] = room
+        if name in fresh:
+            module.__dict__[STATE_ATTR][adapter] = state
+        rows = _initial_rows(config.lora_A_init, directions.pop(name, None), weight, state.subspace(), rank)
         lora_A = module.lora_A[adapter].weight
         with torch.no_grad():
             lora_A.copy_(rows.to(lora_A.dtype))
@@ -89,50 +113,89 @@ def begin_task(
     logger.info("KeepLoRA: began task %d on %d target layers", progress.task_index, len(layers))
 
 
-def _mean_gradients(
+def _gradient_directions(
     model: nn.Module,
     layers: dict[str, LoraLayer],
+    adapter: str,
+    states: dict[str, KeepLoRALayerState],
     dataloader: Iterable[Any],
     config: KeepLoRAConfig,
+    task_index: int,
     max_batches: int | None,
     loss_fn: LossFn,
 ) -> dict[str, torch.Tensor]:
-    """Mean loss gradient of every target weight over the task's first batches (summed across ranks)."""
+    """Rows of `A` for every target from the task's mean loss gradient (summed across ranks), inside its residual."""
     if config.lora_A_init != "residual_gradient":
         return {}
-    gradients: dict[str, torch.Tensor] = {}
-
-    def accumulate(name: str, grad: torch.Tensor) -> None:
-        if name in gradients:
-            gradients[name].add_(grad.float())
-        else:
-            gradients[name] = grad.detach().float().clone()
-
     batches = task_batches(dataloader, config.gradient_data_ratio, max_batches)
-    count = weight_gradient_pass(model, layers, batches, loss_fn, accumulate, description="KeepLoRA gradient estimate")
+    description = "KeepLoRA gradient estimate"
+    if config.gradient_estimator == "exact":
+        gradients: dict[str, torch.Tensor] = {}
+
+        def accumulate(name: str, grad: torch.Tensor) -> None:
+            if name in gradients:
+                gradients[name].add_(grad.float())
+            else:
+                gradients[name] = grad.detach().float().clone()
+
+        count = weight_gradient_pass(model, layers, batches, loss_fn, accumulate, description=description)
+        received = set(gradients)
+    else:
+        sketches = {
+            name: GradientSketch(
+                m.get_base_layer().out_features,
+                m.get_base_layer().in_features,
+                m.r[adapter],
+                config.sketch_oversampling,
+                seed=_seed(task_index, index),
+                device=m.get_base_layer().weight.device,
+            )
+            for index, (name, m) in enumerate(layers.items())
+        }
+        received = set()
+
+        def update(name: str, inputs: torch.Tensor, grad: torch.Tensor) -> None:
+            sketches[name].update(inputs, grad)
+            received.add(name)
+
+        count = output_gradient_pass(model, layers, batches, loss_fn, update, description=description)
     if count == 0:
         raise ValueError("begin_task: the dataloader yielded no batches")
-    missing = sorted(set(layers) - set(gradients))
+    missing = sorted(set(layers) - received)
     if missing:
         raise RuntimeError(f"begin_task: the loss does not depend on these targets, so no gradient reached them: {missing[:5]}")
-    device = next(iter(gradients.values())).device
-    total = float(all_reduce_sum_(torch.tensor([float(count)], device=device)).item())
-    return {name: all_reduce_sum_(gradients[name]) / total for name in layers}
+    directions = {}
+    for name, module in layers.items():  # in module order: every rank must reduce the same tensors in the same order
+        rank = module.r[adapter]
+        subspace = states[name].subspace()
+        if config.gradient_estimator == "exact":
+            gradient = all_reduce_sum_(gradients.pop(name))  # the mean's scale does not move singular vectors
+            directions[name] = residual_directions(gradient, subspace, rank)
+        else:
+            sketch = sketches.pop(name)
+            all_reduce_sum_(sketch.sketch)
+            directions[name] = sketch.residual_directions(subspace, rank)
+    return directions
+
+
+def _seed(task_index: int, layer_index: int) -> int:
+    """Seed of a layer's random test matrices: the same on every rank, different per task and layer."""
+    return 1_000_003 * (task_index + 1) + layer_index
 
 
 def _initial_rows(
-    init: str, gradient: torch.Tensor | None, weight: torch.Tensor, protected: torch.Tensor, rank: int
+    init: str, directions: torch.Tensor | None, weight: torch.Tensor, protected: Subspace, rank: int
 ) -> torch.Tensor:
     """The rows of `A` for a new task, always inside the residual subspace of `protected`."""
     if init == "residual_gradient":
-        return residual_directions(gradient, protected, rank)
+        return directions
     if init == "minor_singular":
         _, _, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
         rows = vh[-rank:]
     else:  # "random": LoRA's own initialisation of A
         rows = torch.empty(rank, weight.shape[1], dtype=torch.float64, device=weight.device)
         nn.init.kaiming_uniform_(rows, a=math.sqrt(5))
-    return project_out(rows, protected.double())
+    return protected.project_out(rows)
 
 
 def end_task(
@@ -148,16 +211,24 @@ def end_task(
     if not progress.in_task:
         raise RuntimeError("end_task called before begin_task: there is no task under way to finish")
     network = getattr(model, "module", model)
+    dtype = state_torch_dtype(config)
 
-    new_memory = {name: layer_state(module, adapter).memory for name, module in layers.items()}
+    new_directions: dict[str, torch.Tensor] = {}
     if config.feature_energy > 0:  # with no memory to keep (plain sequential LoRA), skip the data pass
         covariances = _task_feature_covariances(network, layers, dataloader, config, max_batches, loss_fn)
-        for name, module in layers.items():
-            state = layer_state(module, adapter)
-            new_memory[name] = extend_memory(state.memory, state.principal, covariances[name], config.feature_energy)
+        for index, (name, module) in enumerate(layers.items()):
+            new_directions[name] = memory_directions(
+                covariances[name],
+                layer_state(module, adapter).subspace(),
+                config.feature_energy,
+                solver=config.memory_solver,
+                seed=_seed(progress.task_index, index),
+            )
 
     for name, module in layers.items():
-        _finish_layer(module, adapter, layer_state(module, adapter), new_memory[name].to(BASIS_DTYPE))
+        _finish_layer(
+            module, adapter, layer_state(module, adapter), new_directions.get(name), dtype, config.keep_principal_basis
+        )
     tuner.keeplora_progress[adapter] = TaskProgress(progress.task_index + 1, in_task=False)
     logger.info("KeepLoRA: finished task %d", progress.task_index)
 
@@ -170,7 +241,12 @@ def _task_feature_covariances(
     max_batches: int | None,
     loss_fn: LossFn,
 ) -> dict[str, torch.Tensor]:
-    stats = {name: FeatureStatistics(m.get_base_layer().in_features, m.get_base_layer().weight.device) for name, m in layers.items()}
+    # the reference solver keeps float64 statistics; the fast one float32 (half the time and memory)
+    dtype = torch.float64 if config.memory_solver == "eigh" else torch.float32
+    stats = {
+        name: FeatureStatistics(m.get_base_layer().in_features, m.get_base_layer().weight.device, dtype=dtype)
+        for name, m in layers.items()
+    }
     batches = task_batches(dataloader, config.gradient_data_ratio, max_batches)
     if config.feature_source == "activations":
         count, shared = input_feature_pass(
@@ -182,7 +258,7 @@ def _task_feature_covariances(
             layers,
             batches,
             loss_fn,
-            lambda name, grad: stats[name].update_covariance(grad.double().T @ grad.double()),
+            lambda name, grad: stats[name].update_covariance(grad.to(dtype).T @ grad.to(dtype)),
             description="KeepLoRA feature memory",
         )
         shared = {}
@@ -195,7 +271,14 @@ def _task_feature_covariances(
     return {name: stats[owner].covariance for name, owner in owners.items()}
 
 
-def _finish_layer(module: LoraLayer, adapter: str, state: KeepLoRALayerState, memory: torch.Tensor) -> None:
+def _finish_layer(
+    module: LoraLayer,
+    adapter: str,
+    state: KeepLoRALayerState,
+    new_memory: torch.Tensor | None,
+    dtype: torch.dtype,
+    keep_principal: bool,
+) -> None:
     lora_A, lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
     task = FinishedTask(lora_A.detach().float().clone(), lora_B.detach().float().clone(), float(module.scaling[adapter]))
     with torch.no_grad():
@@ -203,7 +286,10 @@ def _finish_layer(module: LoraLayer, adapter: str, state: KeepLoRALayerState, me
         lora_A.zero_()
         lora_B.zero_()
     state.tasks.append(task)
-    state.memory = memory
+    if new_memory is None:
+        state.cast_(dtype)
+    else:
+        state.add_memory(new_memory, dtype, keep_principal=keep_principal)
 
 
 def project_lora_A_(model: nn.Module) -> None:
@@ -212,13 +298,27 @@ def project_lora_A_(model: nn.Module) -> None:
     Called after each optimizer step, this keeps `A P = 0` exactly under any optimizer, AdamW included, where
     projecting only the gradient would not.
     """
-    _, adapter, _, layers = _context(model)
+    adapter, layers = _projected_layers(model)
     with torch.no_grad():
-        for module in layers.values():
+        for module in layers:
             lora_A = module.lora_A[adapter].weight
             if lora_A.requires_grad:
-                protected = layer_state(module, adapter).protected()
-                lora_A.copy_(project_out(lora_A.float(), protected.to(lora_A.device)).to(lora_A.dtype))
+                subspace = layer_state(module, adapter).subspace()  # cached: the basis (or complement) in float32
+                if lora_A.dtype == torch.float32:
+                    subspace.project_out_(lora_A)
+                else:  # half-precision weights: project in float32, round once
+                    lora_A.copy_(subspace.project_out(lora_A.float()).to(lora_A.dtype))
+
+
+def _projected_layers(model: nn.Module) -> tuple[str, list[LoraLayer]]:
+    """The active adapter and its target layers, cached on the tuner: `project_lora_A_` runs after every step."""
+    tuner = _tuner_of(getattr(model, "module", model))
+    adapter = tuner.keeplora_adapter()
+    cache = tuner.__dict__.setdefault(LAYER_CACHE_ATTR, {})
+    layers = cache.get(adapter)
+    if layers is None or not all(adapter in m.lora_A for m in layers):
+        layers = cache[adapter] = list(keeplora_layers(tuner.model, adapter).values())
+    return adapter, layers
 
 
 def attach_residual_projection(optimizer: torch.optim.Optimizer, model: nn.Module):

@@ -1,7 +1,12 @@
 """Passes over a task's data that collect what the subspace math needs, through hooks on the target layers.
 
-Only per-layer statistics are kept, never a copy of the model: weight gradients are folded into their statistic and
-freed as soon as autograd produces each one, so at most one layer's full gradient exists at a time.
+Only per-layer statistics are kept, never a copy of the model:
+
+- `output_gradient_pass` hands each target's input rows and output gradient to a callback (the gradient sketch); no
+  weight gradient is ever formed and base weights never require grad.
+- `weight_gradient_pass` (the exact path) lets autograd form each target's full weight gradient, folds it into its
+  statistic and frees it as soon as it is produced.
+- `input_feature_pass` runs forward only, and stops each batch's forward once the last target has seen its input.
 """
 
 from __future__ import annotations
@@ -113,6 +118,101 @@ def weight_gradient_pass(
     return count
 
 
+class _OutputGradientTap(torch.autograd.Function):
+    """Identity on a layer's output whose backward hands `(layer input, output gradient)` to a callback.
+
+    The layer input is saved for backward, so an in-place change to it before the backward is an autograd error rather
+    than a silently wrong statistic. `anchor` is a scalar leaf that requires grad: it makes the output part of the graph
+    even when nothing upstream requires grad, so the backward reaches every target and stops below the first one.
+    """
+
+    @staticmethod
+    def forward(ctx, output, inputs, anchor, callback):  # noqa: ARG004 - anchor only links the graph
+        ctx.callback = callback
+        ctx.save_for_backward(inputs)
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inputs,) = ctx.saved_tensors
+        ctx.callback(inputs, grad)
+        return grad, None, None, None
+
+
+def output_gradient_pass(
+    model: nn.Module,
+    layers: dict[str, LoraLayer],
+    batches: Iterable[Any],
+    loss_fn: LossFn,
+    on_gradient: Callable[[str, torch.Tensor, torch.Tensor], None],
+    *,
+    description: str,
+) -> int:
+    """Backpropagate each batch's loss and hand each target's `(input rows, output gradient)` to `on_gradient`.
+
+    Every parameter is frozen for the pass and restored after it, whatever happens; LoRA branches are bypassed (they
+    are zero at the start of a task, so the function is the same). The backward computes input gradients only: no
+    weight gradient is formed, so the pass costs about one LoRA training step per batch. Returns the batch count.
+    """
+    flags = {p: p.requires_grad for p in model.parameters()}
+    disabled = {m: m.__dict__.get("_disable_adapters", False) for m in layers.values()}
+    handles = []
+    device = _model_device(model)
+    anchor = torch.zeros((), device=device, requires_grad=True)
+    was_training = model.training
+    count = 0
+
+    def make_hook(name: str):
+        def callback(inputs: torch.Tensor, grad: torch.Tensor) -> None:
+            on_gradient(name, inputs, grad)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+            if not torch.is_grad_enabled():  # e.g. the first forward of reentrant activation checkpointing
+                return output
+            x = args[0] if args else kwargs["x"]
+            return _OutputGradientTap.apply(output, x, anchor, callback)
+
+        return hook
+
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        for name, module in layers.items():
+            module._disable_adapters = True
+            handles.append(module.register_forward_hook(make_hook(name), with_kwargs=True))
+        model.eval()
+        for batch in tqdm(batches, desc=description, leave=False, disable=not _is_main_process()):
+            loss = loss_fn(model, move_to(batch, device))
+            loss.backward()
+            count += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in disabled.items():
+            module._disable_adapters = flag
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            if not flag:
+                p.grad = None
+        model.train(was_training)
+    return count
+
+
+class _StopForward(BaseException):
+    """Raised inside a forward once every target has seen its input: the rest of the model is not needed.
+
+    A BaseException, so that a loss function wrapping the model call in `except Exception` does not swallow it.
+    """
+
+
+def _early_exit_is_safe(model: nn.Module) -> bool:
+    """Aborting a forward is harmless unless a sharding wrapper gathers parameters in forward hooks (FSDP, ZeRO-3)."""
+    for module in model.modules():
+        if "FullyShardedDataParallel" in type(module).__name__:
+            return False
+    return not any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def input_feature_pass(
     model: nn.Module,
     layers: dict[str, LoraLayer],
@@ -121,15 +221,21 @@ def input_feature_pass(
     on_input: Callable[[str, torch.Tensor], None],
     *,
     description: str,
+    stop_early: bool = True,
 ) -> tuple[int, dict[str, str]]:
     """Run each batch forward (through `loss_fn`, which knows how to call the model) and hand each target's input rows
     to `on_input`.
 
     Layers fed the very same tensor (q, k, v; gate, up) are seen once: the returned map sends each such layer to the
     layer whose statistic it shares. Returns the batch count and that map.
+
+    With `stop_early`, once the first batch has shown which target runs last, later batches stop their forward as soon
+    as every target has seen its input: the head and the loss (for a LLaVA, the vocabulary projection) are skipped. A
+    batch that reaches the last target before all others just runs to the end, so nothing is ever missed; models
+    whose targets run more than once per forward, and sharded models (FSDP, ZeRO-3), always run to the end.
     """
     shared: dict[str, str] = {}
-    last: dict[str, Any] = {"input": None, "owner": None, "batch": 0}
+    last: dict[str, Any] = {"input": None, "owner": None, "batch": 0, "seen": set(), "calls": 0, "final": None}
     handles = []
     device = _model_device(model)
     was_training = model.training
@@ -148,6 +254,12 @@ def input_feature_pass(
             if owner is None:
                 last["input"], last["owner"] = x, name
                 on_input(name, x)
+            last["seen"].add(name)
+            last["calls"] += 1
+            if last["batch"] == 0:
+                last["final"] = name
+            elif name == last["final"] and len(last["seen"]) == len(layers):
+                raise _StopForward
 
         return hook
 
@@ -158,8 +270,15 @@ def input_feature_pass(
         model.eval()
         with torch.no_grad():
             for batch in tqdm(batches, desc=description, leave=False, disable=not _is_main_process()):
-                loss_fn(model, move_to(batch, device))
-                last["input"] = None
+                try:
+                    loss_fn(model, move_to(batch, device))
+                except _StopForward:
+                    pass
+                if last["batch"] == 0 and not (
+                    stop_early and last["calls"] == len(layers) == len(last["seen"]) and _early_exit_is_safe(model)
+                ):
+                    last["final"] = None  # never stop early
+                last["input"], last["seen"], last["calls"] = None, set(), 0
                 last["batch"] += 1
                 count += 1
     finally:

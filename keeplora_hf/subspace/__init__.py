@@ -1,14 +1,26 @@
 """Linear algebra of KeepLoRA++, free of transformers and peft: bases are `(d_in, k)` with orthonormal columns."""
 
-from .memory import FeatureStatistics, extend_memory
-from .principal import energy_rank, principal_basis
-from .residual import project_out, residual_directions
+from .basis import Subspace, orthogonal_complement, orthonormalize
+from .memory import MEMORY_SOLVERS, FeatureStatistics, extend_memory, memory_directions
+from .principal import PRINCIPAL_SOLVERS, energy_rank, principal_basis
+from .residual import complete_rows, project_out, residual_directions, rows_in_residual
+from .sketch import GradientSketch, sketch_rows
 
 __all__ = [
+    "MEMORY_SOLVERS",
+    "PRINCIPAL_SOLVERS",
     "FeatureStatistics",
+    "GradientSketch",
+    "Subspace",
+    "complete_rows",
     "energy_rank",
     "extend_memory",
+    "memory_directions",
+    "orthogonal_complement",
+    "orthonormalize",
     "principal_basis",
     "project_out",
     "residual_directions",
+    "rows_in_residual",
+    "sketch_rows",
 ]

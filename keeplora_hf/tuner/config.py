@@ -5,12 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from peft import LoraConfig
 
 from .registration import KEEPLORA_PEFT_TYPE
 
 FEATURE_SOURCES = ("activations", "gradients")
 LORA_A_INITS = ("residual_gradient", "random", "minor_singular")
+GRADIENT_ESTIMATORS = ("sketch", "exact")
+PRINCIPAL_SOLVERS = ("gram", "svd")
+MEMORY_SOLVERS = ("randomized", "eigh")
+STATE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
@@ -75,6 +80,60 @@ class KeepLoRAConfig(LoraConfig):
         },
     )
 
+    gradient_estimator: Literal["sketch", "exact"] = field(
+        default="sketch",
+        metadata={
+            "help": "How begin_task estimates the residual gradient for A. 'sketch': each target accumulates "
+            "Psi @ G (r + sketch_oversampling rows) from its inputs and output gradients through hooks, so no "
+            "d_out x d_in gradient is ever formed; the pass costs about one LoRA training step per batch and the "
+            "memory of a LoRA step. 'exact': the full weight gradient of every target, held in float32 for all targets "
+            "at once (+1x the targets' weights in memory), and a full SVD."
+        },
+    )
+    sketch_oversampling: int = field(
+        default=64,
+        metadata={
+            "help": "Rows of the gradient sketch beyond r (a non-negative integer). More rows capture more of a gradient "
+            "with a flat spectrum, at (r + sketch_oversampling) * (d_in + d_out) multiply-adds per token and target; "
+            "the sketch is exact once r + sketch_oversampling >= d_out."
+        },
+    )
+    principal_solver: Literal["gram", "svd"] = field(
+        default="gram",
+        metadata={
+            "help": "How the principal subspace of each pre-trained weight is found on the first task. 'gram': "
+            "eigendecomposition of the smaller Gram matrix (float32 above 512 rows), several times faster than "
+            "'svd': a full float64 SVD (the reference). Both give the same p; the subspaces agree to about 1e-5."
+        },
+    )
+    memory_solver: Literal["randomized", "eigh"] = field(
+        default="randomized",
+        metadata={
+            "help": "How end_task finds the new feature-memory directions. 'randomized': Ritz vectors on a growing "
+            "random subspace, with the energy each explains computed exactly, so the feature_energy criterion holds "
+            "for what is added; 'eigh': the full eigendecomposition of the residual feature covariance (the reference)."
+        },
+    )
+    state_dtype: Literal["float32", "bfloat16", "float16", "float64"] = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the stored bases (principal, memory or its complement), in memory and on disk. Every "
+            "computation upcasts to float32 and re-orthonormalises low-precision bases, so A is exactly orthogonal "
+            "to the stored subspace; bfloat16 halves the state, at ~1e-3 of rotation of the subspace itself."
+        },
+    )
+
+    keep_principal_basis: bool = field(
+        default=True,
+        metadata={
+            "help": "Each layer's state stores the narrower of its memory and its residual basis (the complement of "
+            "the protected subspace). True keeps the principal basis as well (p * d_in more values once the complement "
+            "is stored); saved-adapter checks such as the hub's base-model verification read it. False keeps only "
+            "min(k, d_in - k) * d_in values per layer: the principal basis is then recomputed from the original weight "
+            "(base weight minus merged tasks) when inspected, which the training path never does."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = KEEPLORA_PEFT_TYPE
@@ -86,6 +145,18 @@ class KeepLoRAConfig(LoraConfig):
             raise ValueError(f"feature_source must be one of {FEATURE_SOURCES}, got {self.feature_source!r}")
         if self.lora_A_init not in LORA_A_INITS:
             raise ValueError(f"lora_A_init must be one of {LORA_A_INITS}, got {self.lora_A_init!r}")
+        for name, value, allowed in (
+            ("gradient_estimator", self.gradient_estimator, GRADIENT_ESTIMATORS),
+            ("principal_solver", self.principal_solver, PRINCIPAL_SOLVERS),
+            ("memory_solver", self.memory_solver, MEMORY_SOLVERS),
+            ("state_dtype", self.state_dtype, STATE_DTYPES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if not isinstance(self.sketch_oversampling, int) or isinstance(self.sketch_oversampling, bool) or self.sketch_oversampling < 0:
+            raise ValueError(f"sketch_oversampling must be a non-negative integer, got {self.sketch_oversampling!r}")
+        if not isinstance(self.keep_principal_basis, bool):
+            raise ValueError(f"keep_principal_basis must be a bool, got {self.keep_principal_basis!r}")
         if not isinstance(self.train_lora_A, bool):
             raise ValueError(f"train_lora_A must be a bool, got {self.train_lora_A!r}")
         if not isinstance(self.r, int) or self.r < 1:
@@ -102,6 +173,11 @@ class KeepLoRAConfig(LoraConfig):
                     f"{name} is not supported by KeepLoRA: each task's update is merged into the base weight as "
                     "s * B @ A, which leaves no room for it. Set it to its default."
                 )
+
+
+def state_torch_dtype(config: KeepLoRAConfig) -> torch.dtype:
+    """The torch dtype of `config.state_dtype`."""
+    return getattr(torch, config.state_dtype)
 
 
 def _check_range(name: str, value: float, low: float, high: float, shown: str, *, low_open: bool) -> None:

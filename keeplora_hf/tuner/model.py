@@ -12,6 +12,7 @@ from .layer import FinishedTask, KeepLoRALayerState, apply_delta_, has_layer_sta
 from .registration import KEEPLORA_PEFT_TYPE
 
 STATE_KEY = "keeplora_state"
+LAYER_CACHE_ATTR = "_keeplora_layer_cache"  # adapter -> its target layers, for the per-step projection of A
 _FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
@@ -42,6 +43,7 @@ class KeepLoRAModel(LoraModel):
         super()._create_and_replace(lora_config, adapter_name, target, target_name, parent, current_key, **kwargs)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        self.__dict__.pop(LAYER_CACHE_ATTR, None)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
         layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}
@@ -115,9 +117,15 @@ def continual_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch
     for name, module in keeplora_layers(model, adapter_name).items():
         state = layer_state(module, adapter_name)
         prefix = f"{name}.{STATE_KEY}"
-        if state.principal is not None:
-            tensors[f"{prefix}.principal"] = state.principal.detach().cpu().contiguous()
-        if state.memory is not None:
+        # the layout held in memory (see KeepLoRALayerState): `principal` is the (d_in, p) basis, or, when the state
+        # keeps only the complement of its protected subspace, the (p,) energies that identify it
+        if state.stored_principal is not None:
+            tensors[f"{prefix}.principal"] = state.stored_principal.detach().cpu().contiguous()
+        elif state.complement is not None:
+            tensors[f"{prefix}.principal"] = state.principal_energies.detach().cpu().to(torch.float64).contiguous()
+        if state.complement is not None:
+            tensors[f"{prefix}.complement"] = state.complement.detach().cpu().contiguous()
+        elif state.memory is not None:
             tensors[f"{prefix}.memory"] = state.memory.detach().cpu().contiguous()
         for t, task in enumerate(state.tasks):
             tensors[f"{prefix}.task{t}.lora_A"] = task.lora_A.detach().cpu().contiguous()
@@ -126,7 +134,7 @@ def continual_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch
     return tensors
 
 
-_LAYER_KEY = re.compile(rf"^(?P<layer>.+)\.{STATE_KEY}\.(?P<field>principal|memory|task(?P<task>\d+)\.(?P<part>lora_A|lora_B|scaling))$")
+_LAYER_KEY = re.compile(rf"^(?P<layer>.+)\.{STATE_KEY}\.(?P<field>principal|memory|complement|task(?P<task>\d+)\.(?P<part>lora_A|lora_B|scaling))$")
 
 
 def load_continual_state(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -138,6 +146,7 @@ def load_continual_state(model: nn.Module, adapter_name: str, tensors: dict[str,
     if not tensors:
         return
     tuner = _tuner_of(model)
+    config = tuner.peft_config[adapter_name]
     layers = keeplora_layers(model, adapter_name)
     by_layer: dict[str, dict[str, torch.Tensor]] = {}
     task_index = in_task = None
@@ -174,9 +183,8 @@ def load_continual_state(model: nn.Module, adapter_name: str, tensors: dict[str,
         with torch.no_grad():
             for task in state.tasks[already:]:
                 apply_delta_(weight, task.delta())
-        device = weight.device
-        state.principal = None if state.principal is None else state.principal.to(device)
-        state.memory = None if state.memory is None else state.memory.to(device)
+        state.to_(weight.device)
+        state.bind(module, config.principal_solver)
         module.__dict__["keeplora_state"][adapter_name] = state
     tuner.keeplora_progress[adapter_name] = TaskProgress(task_index, in_task)
 
@@ -191,14 +199,33 @@ def _same_history(merged: list[FinishedTask], saved: list[FinishedTask]) -> bool
 def _parse_layer_state(name: str, module: LoraLayer, fields: dict[str, torch.Tensor], task_index: int) -> KeepLoRALayerState:
     base = module.get_base_layer()
     d_in, d_out = base.in_features, base.out_features
-    state = KeepLoRALayerState(principal=fields.get("principal"), memory=fields.get("memory"))
-    for key in ("principal", "memory"):
-        basis = getattr(state, key)
-        if basis is not None and (basis.ndim != 2 or basis.shape[0] != d_in):
+    # `principal` is the (d_in, p) basis, or, next to a `complement`, the (p,) energies that identify it
+    complemented = "complement" in fields
+    for key in ("principal", "memory", "complement"):
+        basis = fields.get(key)
+        if basis is None or (key == "principal" and complemented and basis.ndim == 1):
+            continue
+        if basis.ndim != 2 or basis.shape[0] != d_in:
             raise ValueError(
                 f"saved KeepLoRA {key} basis of {name} has shape {tuple(basis.shape)}, but the layer has d_in={d_in}: "
                 "the adapter was saved from a different base model"
             )
+    if "memory" in fields and complemented:
+        raise ValueError(f"saved KeepLoRA state of {name} holds both a memory and a complement basis; the file is corrupt")
+    if ("memory" in fields or complemented) and "principal" not in fields:
+        raise ValueError(f"saved KeepLoRA state of {name} has a memory but no principal basis; the file is corrupt")
+    energies_only = complemented and fields["principal"].ndim == 1
+    if "principal" in fields:
+        p = fields["principal"].numel() if energies_only else fields["principal"].shape[1]
+        columns = p + sum(fields[k].shape[1] for k in ("memory", "complement") if k in fields)
+        if columns > d_in:
+            raise ValueError(
+                f"saved KeepLoRA bases of {name} have {columns} columns in total, more than d_in={d_in}; the file is corrupt"
+            )
+    if energies_only:
+        state = KeepLoRALayerState(complement=fields["complement"], principal_energies=fields["principal"].to(torch.float64))
+    else:
+        state = KeepLoRALayerState(fields.get("principal"), fields.get("memory"), complement=fields.get("complement"))
     for t in range(task_index):
         try:
             lora_a, lora_b = fields[f"task{t}.lora_A"], fields[f"task{t}.lora_B"]
@@ -211,7 +238,7 @@ def _parse_layer_state(name: str, module: LoraLayer, fields: dict[str, torch.Ten
                 f"do not fit a ({d_out}, {d_in}) weight: the adapter was saved from a different base model"
             )
         state.tasks.append(FinishedTask(lora_a.float(), lora_b.float(), scaling))
-    if task_index > 0 and state.principal is None:
+    if task_index > 0 and not state.initialised:
         raise ValueError(f"saved KeepLoRA state of {name} lacks its principal basis after {task_index} tasks")
     return state
 

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from keeplora_hf.subspace import FeatureStatistics, extend_memory
+from keeplora_hf.subspace import FeatureStatistics, Subspace, extend_memory, memory_directions
 
 D = 6
 
@@ -57,3 +58,53 @@ def test_feature_statistics_stream_equals_one_shot_covariance():
     rows = x.reshape(-1, D).double()
     assert torch.allclose(stats.covariance, rows.T @ rows, atol=1e-9)
     assert stats.count == 12
+
+
+def _features(d, decay, seed, tokens=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens or 3 * d, d, generator=g, dtype=torch.float64) * torch.arange(1, d + 1, dtype=torch.float64) ** -decay
+    rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return x @ rotation.T
+
+
+def _explained(covariance, protected, new):
+    residual = protected.project_out(protected.project_out(covariance).T)
+    return (torch.trace(covariance) - torch.trace(residual) + torch.trace(new.T @ covariance @ new)) / torch.trace(covariance)
+
+
+@pytest.mark.parametrize("protected_dim", [20, 150], ids=["basis", "complement"])
+@pytest.mark.parametrize("decay", [1.0, 0.5])
+def test_randomized_solver_meets_the_criterion_with_about_the_exact_count(protected_dim, decay):
+    d = 200
+    x = _features(d, decay, 0)
+    covariance = x.T @ x
+    q, _ = torch.linalg.qr(torch.randn(d, protected_dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    protected = Subspace.of(q)
+    exact = memory_directions(covariance, protected, 0.99, solver="eigh")
+    fast = memory_directions(covariance.float(), protected.to(torch.float32), 0.99, solver="randomized", seed=3)
+    for new in (exact, fast.double()):
+        assert torch.allclose(new.T @ new, torch.eye(new.shape[1], dtype=new.dtype), atol=1e-5)
+        assert (new.T @ q).abs().max() < 1e-5
+    # the criterion holds for the directions actually added (Rayleigh quotients are exact) ...
+    assert _explained(covariance, protected, fast.double()) >= 0.99 - 1e-5
+    # ... and they are hardly more than the exact eigenvectors need
+    assert exact.shape[1] <= fast.shape[1] <= exact.shape[1] + max(2, exact.shape[1] // 20)
+
+
+def test_eigh_solver_is_extend_memory_in_either_storage():
+    x = _features(40, 0.7, 2)
+    covariance = x.T @ x
+    principal = torch.linalg.qr(torch.randn(40, 30, generator=torch.Generator().manual_seed(3), dtype=torch.float64))[0]
+    reference = extend_memory(torch.zeros(40, 0, dtype=torch.float64), principal, covariance, 0.95)
+    for protected in (Subspace(principal, complement=False), Subspace.of(principal)):
+        new = memory_directions(covariance, protected, 0.95, solver="eigh")
+        assert _span_equal(new, reference)
+
+
+def test_float32_statistics_are_within_1e_6_of_float64():
+    x = torch.randn(5, 300, D * 20)
+    fast, exact = FeatureStatistics(D * 20, dtype=torch.float32), FeatureStatistics(D * 20)
+    for batch in x:
+        fast.update(batch)
+        exact.update(batch)
+    assert (fast.covariance.double() - exact.covariance).norm() / exact.covariance.norm() < 1e-6

@@ -44,3 +44,35 @@ def test_principal_basis_is_the_energy_threshold_set_of_right_singular_vectors(e
     expected = v[:, :p]
     assert torch.allclose(basis @ basis.T, expected @ expected.T, atol=1e-5)
     assert torch.allclose(basis.T @ basis, torch.eye(p, dtype=basis.dtype), atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("energy", "p"), [(0.0, 0), (0.45, 1), (0.6, 2), (0.9, 3), (0.95, 4), (1.0, 5)]
+)
+@pytest.mark.parametrize("transpose", [False, True], ids=["tall", "wide"])
+def test_gram_solver_gives_the_same_energy_set(energy, p, transpose):
+    weight, v = _weight_with_spectrum([5.0, 4.0, 3.0, 2.0, 1.0], d_out=6, d_in=7) if transpose else _weight_with_spectrum(
+        [5.0, 4.0, 3.0, 2.0, 1.0]
+    )
+    basis = principal_basis(weight.float(), energy, solver="gram")
+    reference = principal_basis(weight.float(), energy, solver="svd")
+    assert basis.shape == reference.shape == (weight.shape[1], p)
+    assert torch.allclose(basis @ basis.T, reference @ reference.T, atol=1e-6)
+    assert torch.allclose(basis.T @ basis, torch.eye(p, dtype=basis.dtype), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(520, 520), (700, 520), (520, 700)])
+def test_float32_gram_solver_is_within_1e_5_of_the_float64_svd(shape):
+    """Above 512 rows the Gram is decomposed in float32: same p, the same captured energy, the same subspace."""
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 0.02
+    fast = principal_basis(weight, 0.6, solver="gram")
+    exact = principal_basis(weight, 0.6, solver="svd")
+    assert fast.shape == exact.shape
+    energy = lambda basis: (weight.double() @ basis).square().sum()  # noqa: E731
+    assert abs(energy(fast) - energy(exact)) / energy(exact) < 1e-6
+    assert (fast @ fast.T - exact @ exact.T).abs().max() < 1e-5
+
+
+def test_unknown_solver_is_refused():
+    with pytest.raises(ValueError, match="solver must be one of"):
+        principal_basis(torch.eye(3), 0.5, solver="qr")
