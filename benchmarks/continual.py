@@ -1,0 +1,29 @@
+"""The continual-learning benchmark behind the README's table: every method, three seeds, image (and video) sequence.
+
+    python benchmarks/continual.py --output-dir runs/benchmark [--seeds 3] [--video]
+
+Finished (sequence, seed, method) runs are kept and reused, so an interrupted benchmark continues where it stopped;
+`summary.md` in the output directory is the table (mean ± std over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from keeplora_hf.baselines import METHODS
+from keeplora_hf.demo import DemoSettings, run_demo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", default="runs/benchmark")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--video", action="store_true")
+    args = parser.parse_args()
+    run_demo(DemoSettings(output_dir=args.output_dir, methods=tuple(args.methods), seeds=tuple(range(args.seeds)),
+                          video=args.video))
+
+
+if __name__ == "__main__":
+    main()
