@@ -53,14 +53,13 @@ def environment() -> dict[str, Any]:
 
 
 def configure_threads(model_name: str | None = None) -> int:
-    """1 thread for the tiny model, 2 otherwise (`KEEPLORA_BENCH_THREADS` overrides).
+    """One thread (`KEEPLORA_BENCH_THREADS` overrides).
 
-    On a shared 2-core machine, two OpenMP threads stall at every barrier whenever another process holds a core; for
-    the tiny model's many small kernels that turns a 30 ms step into seconds, for both compared sides alike but with
-    a spread that hides any ratio. One thread avoids the barriers; the ~100M model's large matrix products still
-    gain from two.
+    On a shared 2-core machine, two OpenMP threads stall at every barrier whenever another process holds a core: a
+    ~100M-parameter LLaVA step measured 1.5 s at best and 11-25 s typically with two threads, on both compared sides
+    alike but with a spread that hides any ratio. One thread has no barriers to stall at.
     """
-    threads = int(os.environ.get("KEEPLORA_BENCH_THREADS", "0")) or (1 if model_name == "tiny-llava" else 2)
+    threads = int(os.environ.get("KEEPLORA_BENCH_THREADS", "1"))
     torch.set_num_threads(threads)
     return threads
 

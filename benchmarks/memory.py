@@ -36,7 +36,7 @@ SCENARIOS = (
 EXACT = {"gradient_estimator": "exact", "principal_solver": "svd", "memory_solver": "eigh"}
 
 
-def scenario(name: str, model_name: str, statistics_batches: int) -> dict:
+def scenario(name: str, model_name: str, statistics_batches: int, batch_size: int | None = None) -> dict:
     from keeplora_hf import begin_task, end_task
     from setups import batches, bench_model, keeplora, lora, optimizer_for, train_step
 
@@ -46,6 +46,8 @@ def scenario(name: str, model_name: str, statistics_batches: int) -> dict:
     gc.collect()
     baseline = _rss_mib()  # the interpreter and its libraries, before any model exists
     bench = bench_model(model_name)
+    if batch_size:
+        bench.batch_size = batch_size
     data = batches(bench, max(2, statistics_batches))
     stats = data[:statistics_batches]
     weights_mib = sum(p.numel() * p.element_size() for p in bench.model.parameters()) / 2**20
@@ -82,11 +84,14 @@ def _rss_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def run(model_name: str, repeats: int, statistics_batches: int, scenarios: list[str]) -> dict:
+def run(model_name: str, repeats: int, statistics_batches: int, scenarios: list[str], batch_size: int | None) -> dict:
     samples: dict[str, list[dict]] = {s: [] for s in scenarios}
+    extra = ["--batch-size", str(batch_size)] if batch_size else []
     for _ in range(repeats):
         for name in scenarios:
-            row = isolated("memory.py", "--scenario", name, "--model", model_name, "--batches", str(statistics_batches))
+            row = isolated(
+                "memory.py", "--scenario", name, "--model", model_name, "--batches", str(statistics_batches), *extra
+            )
             samples[name].append(row)
             print(row, flush=True)
     peaks = {name: statistics.median(r["peak_mib"] for r in rows) for name, rows in samples.items()}
@@ -100,6 +105,7 @@ def run(model_name: str, repeats: int, statistics_batches: int, scenarios: list[
             own_ratios[f"{name}_over_lora_step"] = own[name] / own["lora_step"]
     return {
         "model": model_name,
+        "batch_size": batch_size or "default",
         "statistics_batches": statistics_batches,
         "repeats": repeats,
         "samples": samples,
@@ -117,15 +123,17 @@ def main() -> None:
     parser.add_argument("--model", default="llava-100m")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batches", type=int, default=2, help="batches in each statistics pass")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the model's benchmark batch size")
     parser.add_argument("--scenario", choices=SCENARIOS, help="run one scenario in this process and print JSON")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
     args = parser.parse_args()
     configure_threads(args.model)
     if args.scenario:
-        print(json.dumps(scenario(args.scenario, args.model, args.batches)))
+        print(json.dumps(scenario(args.scenario, args.model, args.batches, args.batch_size)))
         return
-    result = run(args.model, args.repeats, args.batches, args.scenarios)
-    print(write_result(f"memory_{args.model}", result))
+    result = run(args.model, args.repeats, args.batches, args.scenarios, args.batch_size)
+    suffix = f"_batch{args.batch_size}" if args.batch_size else ""
+    print(write_result(f"memory_{args.model}{suffix}", result))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Run every benchmark (each in its own process, one after the other) and write results/RESULTS.md.
 
-    python benchmarks/run_all.py            # everything, about an hour and a half on 2 CPU cores
+    python benchmarks/run_all.py            # everything, about two hours on one CPU thread
     python benchmarks/run_all.py --quick    # the tiny model only, a few minutes (a smoke run)
     python benchmarks/run_all.py --report   # only rebuild RESULTS.md from the JSON files in results/
 """
@@ -18,11 +18,12 @@ HERE = Path(__file__).resolve().parent
 
 FULL = [
     ["step_time.py", "--model", "tiny-llava", "--rounds", "150"],
-    ["step_time.py", "--model", "llava-100m", "--rounds", "15"],
+    ["step_time.py", "--model", "llava-100m", "--rounds", "20"],
     ["boundary.py", "--model", "tiny-llava", "--epoch", "50", "--tasks", "3"],
     ["boundary.py", "--model", "llava-100m", "--epoch", "20", "--tasks", "2"],
     ["memory.py", "--model", "tiny-llava", "--repeats", "2"],
     ["memory.py", "--model", "llava-100m", "--repeats", "2"],
+    ["memory.py", "--model", "llava-100m", "--repeats", "2", "--batch-size", "1"],
     ["state_size.py", "--model", "tiny-llava", "--tasks", "3"],
     ["state_size.py", "--model", "llava-100m", "--tasks", "3"],
     ["accuracy.py", "--part", "sequence", "--seeds", "5", "--steps", "60"],

@@ -10,25 +10,50 @@ from .principal import COMPUTE_DTYPE, energy_rank
 MEMORY_SOLVERS = ("randomized", "eigh")
 
 
+#: from this width on, only the upper block triangle of each batch's `x^T x` is formed (symmetry saves ~40%)
+BLOCKED_FROM = 1024
+_BLOCKS = 4
+
+
 class FeatureStatistics:
     """Streaming second moment `sum x^T x` of a layer's input rows: all that the GPM criterion needs of them.
 
     Holding `d_in x d_in` instead of the features keeps memory fixed however much data a task has. Each batch's
     product is formed in `dtype` and added to the running sum; float32 halves the time and memory of float64 and
-    keeps the relative error near 1e-6, far below what the 0.99-energy criterion resolves.
+    keeps the relative error near 1e-6, far below what the 0.99-energy criterion resolves. From `d_in = 1024` on, each
+    batch forms only the blocks on and above the diagonal (4 x 4 blocks: 10 of 16 products), and `covariance`
+    mirrors them once, when it is first read after an update.
     """
 
     def __init__(self, d_in: int, device: torch.device | str = "cpu", dtype: torch.dtype = COMPUTE_DTYPE) -> None:
-        self.covariance = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+        self._sum = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+        self._mirrored = True
         self.count = 0
+        bounds = torch.linspace(0, d_in, _BLOCKS + 1).round().long().tolist() if d_in >= BLOCKED_FROM else [0, d_in]
+        self._blocks = list(zip(bounds[:-1], bounds[1:]))
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        if not self._mirrored:
+            for i, (a0, a1) in enumerate(self._blocks):
+                for b0, b1 in self._blocks[i + 1 :]:
+                    self._sum[b0:b1, a0:a1] = self._sum[a0:a1, b0:b1].T
+            self._mirrored = True
+        return self._sum
 
     def update(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().reshape(-1, rows.shape[-1]).to(self.covariance.dtype)
-        self.covariance.addmm_(rows.T, rows)
+        rows = rows.detach().reshape(-1, rows.shape[-1]).to(self._sum.dtype)
+        if len(self._blocks) == 1:
+            self._sum.addmm_(rows.T, rows)
+        else:
+            for i, (a0, a1) in enumerate(self._blocks):
+                left = rows[:, a0:a1].T
+                self._sum[a0:a1, a0:].addmm_(left, rows[:, a0:])
+            self._mirrored = False
         self.count += rows.shape[0]
 
     def update_covariance(self, covariance: torch.Tensor, count: int = 1) -> None:
-        self.covariance.add_(covariance.to(self.covariance.dtype))
+        self.covariance.add_(covariance.to(self._sum.dtype))
         self.count += count
 
 

@@ -108,3 +108,17 @@ def test_float32_statistics_are_within_1e_6_of_float64():
         fast.update(batch)
         exact.update(batch)
     assert (fast.covariance.double() - exact.covariance).norm() / exact.covariance.norm() < 1e-6
+
+
+def test_blocked_statistics_of_wide_inputs_equal_the_full_product():
+    """From d_in = 1024 only the upper block triangle is accumulated; the mirrored result is the same covariance."""
+    x = torch.randn(3, 50, 1030, dtype=torch.float64)
+    stats = FeatureStatistics(1030)
+    for batch in x:
+        stats.update(batch)
+    stats.update_covariance(torch.eye(1030, dtype=torch.float64), count=0)
+    stats.update(x[0])
+    rows = torch.cat([x.reshape(-1, 1030), x[0]])
+    expected = rows.T @ rows + torch.eye(1030, dtype=torch.float64)
+    assert torch.allclose(stats.covariance, expected, atol=1e-9)
+    assert stats.count == 200
