@@ -17,8 +17,8 @@ from typing import Any
 import matplotlib
 import numpy as np
 
-from .continual.checkpoint import atomic_write_json
-from .continual.report import _atomic_write, _figure, _save_png, to_jsonable
+from .continual.checkpoint import atomic_write, atomic_write_json
+from .continual.report import new_figure, save_png, to_jsonable
 
 __all__ = ["PLOTS", "markdown_summary", "plot_depth", "plot_intra_layer", "plot_spectra", "write_analysis"]
 
@@ -37,7 +37,7 @@ def write_analysis(results: Mapping[str, Any], output_dir: str | Path) -> list[P
         paths.insert(1, plot_depth(results, out / PLOTS[1]))
     summary = out / "summary.md"
     text = markdown_summary(results)
-    _atomic_write(summary, lambda f: f.write(text.encode()))
+    atomic_write(summary, lambda f: f.write(text.encode()))
     payload = {k: v for k, v in results.items() if k != "files"} | {"files": [str(p) for p in [*paths, summary]]}
     atomic_write_json(out / "analysis.json", to_jsonable(payload))
     return [*paths, summary, out / "analysis.json"]
@@ -91,7 +91,7 @@ def plot_intra_layer(results: Mapping[str, Any], path: str | Path) -> Path:
     reconstruction = (results.get("finetune") or {}).get("all_groups")
     split = (reconstruction or {}).get("update_split") or {}
     panels = 2 + bool(reconstruction) + bool(split.get("residual"))
-    figure = _figure(4.6 * panels + 2.2, 4.4)
+    figure = new_figure(4.6 * panels + 2.2, 4.4)
     axes = figure.subplots(1, panels, sharey=True)
     titles = ("every target W -> principal part W V_p V_p^T", "every target W -> residual part W - W V_p V_p^T")
     for ax, kind, title in zip(axes, ("principal", "residual"), titles):
@@ -126,7 +126,7 @@ def plot_intra_layer(results: Mapping[str, Any], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)  (dotted: unchanged model)")
     _legend(figure, axes[0])
-    return _save_png(figure, path)
+    return save_png(figure, path)
 
 
 def plot_depth(results: Mapping[str, Any], path: str | Path) -> Path:
@@ -136,7 +136,7 @@ def plot_depth(results: Mapping[str, Any], path: str | Path) -> Path:
     x = np.arange(len(groups))
     probe = (results.get("finetune") or {}).get("groups")
     panels = 3 if probe else 2
-    figure = _figure(4.6 * panels + 2.2, 4.6)
+    figure = new_figure(4.6 * panels + 2.2, 4.6)
     axes = figure.subplots(1, panels)
     energy, reset = inter["energy"], inter.get("reset_energy", inter["energy"])
     titles = (f"one group reset to its principal part (ε={reset:g})",
@@ -164,13 +164,13 @@ def plot_depth(results: Mapping[str, Any], path: str | Path) -> Path:
         ax.set_xlabel("depth group (shallow -> deep)")
         ax.grid(alpha=0.3)
     _legend(figure, axes[0])
-    return _save_png(figure, path)
+    return save_png(figure, path)
 
 
 def plot_spectra(results: Mapping[str, Any], path: str | Path) -> Path:
     """Normalised singular values per target (coloured by depth) and the rank share each energy keeps."""
     rows = results["spectra"]
-    figure = _figure(13.0, max(4.4, 1.6 + 0.16 * len(rows)))
+    figure = new_figure(13.0, max(4.4, 1.6 + 0.16 * len(rows)))
     left, right = figure.subplots(1, 2, width_ratios=[1.0, 1.3])
     cmap = matplotlib.colormaps["viridis"]
     for row in rows:
@@ -198,7 +198,7 @@ def plot_spectra(results: Mapping[str, Any], path: str | Path) -> Path:
     right.set_xlabel("principal energy ε_w")
     right.set_title("rank kept (numbers) and share of the full rank (colour)", fontsize="medium")
     figure.colorbar(image, ax=right, label="% of full rank")
-    return _save_png(figure, path)
+    return save_png(figure, path)
 
 
 def _short(name: str) -> str:

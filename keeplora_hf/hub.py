@@ -55,13 +55,14 @@ from .continual.metrics import METRIC_NAMES, compute_all
 from .continual.report import (
     MISSING,
     METRIC_HELP,
-    _matrix_rows,
-    _percent,
-    _table,
+    format_percent,
+    markdown_table,
+    matrix_rows,
     plot_names,
     to_jsonable,
     write_report,
 )
+from .continual.runner import data_fingerprint
 from .export import export_lora
 from .tuner.layer import layer_state
 from .tuner.model import STATE_KEY, _tuner_of, keeplora_layers
@@ -319,9 +320,9 @@ def render_card(
         license=license or (info.config.get("license") if isinstance(info.config.get("license"), str) else None),
     )
     R = np.array(entry["accuracy_matrix"], dtype=float)
-    header, rows = _matrix_rows(R, info.tasks, entry.get("general") or {}, MISSING)
+    header, rows = matrix_rows(R, info.tasks, entry.get("general") or {}, MISSING)
     metrics = entry.get("metrics") or compute_all(R, entry.get("general") or None)
-    metric_rows = [[name, _percent(metrics.get(name)), METRIC_HELP[name]] for name in METRIC_NAMES]
+    metric_rows = [[name, format_percent(metrics.get(name)), METRIC_HELP[name]] for name in METRIC_NAMES]
     heatmap, curve = plot_names(info.method)
     peft_config = {**(info.config.get("peft_config") or {}), **info.adapter_config}
     revisions = revisions or {}
@@ -355,8 +356,8 @@ def render_card(
         ],
         general_sets=info.general_sets,
         missing=MISSING,
-        matrix_table="\n".join(_table(header, rows)),
-        metrics_table="\n".join(_table(["metric", "value (%)", "meaning"], metric_rows, text_columns=(0, 2))),
+        matrix_table="\n".join(markdown_table(header, rows)),
+        metrics_table="\n".join(markdown_table(["metric", "value (%)", "meaning"], metric_rows, text_columns=(0, 2))),
         plots=[
             {"alt": f"{info.method}: accuracy matrix", "file": heatmap},
             {"alt": f"{info.method}: accuracy over the sequence", "file": curve},
@@ -539,7 +540,7 @@ def _pushed_by_us(path: str) -> bool:
 
 def _commit_description(info: RunInfo) -> str:
     metrics = _results(info, info.learned)["methods"][info.method].get("metrics") or {}
-    shown = ", ".join(f"{k} {_percent(metrics.get(k))}" for k in ("last", "avg", "bwt") if k in metrics)
+    shown = ", ".join(f"{k} {format_percent(metrics.get(k))}" for k in ("last", "avg", "bwt") if k in metrics)
     return f"Tasks: {', '.join(info.tasks)}. Metrics (%): {shown}. Pushed with keeplora_hf.hub.push_run."
 
 
@@ -737,8 +738,6 @@ def _write_json(path: Path, payload: Any) -> None:
 
 def _extended_config(info: RunInfo, tasks: Sequence[Any]) -> tuple[dict[str, Any], int]:
     """run.json for `tasks` = the source's tasks (same data) + appended ones, as the runner will describe it."""
-    from .continual.runner import _fingerprint
-
     names = [getattr(t, "name", None) for t in tasks]
     if not all(isinstance(n, str) and n for n in names):
         raise TypeError("tasks must be ContinualTask objects (with a name and a train_dataset)")
@@ -750,14 +749,15 @@ def _extended_config(info: RunInfo, tasks: Sequence[Any]) -> tuple[dict[str, Any
     data = dict(info.config.get("data") or {})
     for task in tasks[: len(old)]:
         recorded = data.get(task.name)
-        if recorded is not None and recorded != _fingerprint(task.train_dataset):
+        if recorded is not None and recorded != data_fingerprint(task.train_dataset):
             raise ValueError(
                 f"task {task.name!r}: its training data differs from the one the source run learned (fingerprint "
-                f"{_fingerprint(task.train_dataset)} != {recorded}); pass the same data for the tasks already learned"
+                f"{data_fingerprint(task.train_dataset)} != {recorded}); pass the same data for the tasks already "
+                "learned"
             )
     config = copy.deepcopy(info.config)
     config["tasks"] = names
-    config["data"] = {**data, **{t.name: _fingerprint(t.train_dataset) for t in tasks[len(old) :]}}
+    config["data"] = {**data, **{t.name: data_fingerprint(t.train_dataset) for t in tasks[len(old) :]}}
     return config, len(names) - len(old)
 
 

@@ -7,9 +7,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from transformers.trainer_callback import TrainerState
 
@@ -34,18 +34,24 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_json(path: Path, payload: Any) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write beside `path` then rename, so a reader (or a resumed run) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(payload, f, indent=2, allow_nan=False)
+        with os.fdopen(handle, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    text = json.dumps(payload, indent=2, allow_nan=False)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def read_json(path: Path) -> Any:

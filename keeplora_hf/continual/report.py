@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .checkpoint import atomic_write
 from .metrics import METRIC_NAMES, as_accuracy_matrix, check_general, compute_all
 
 MISSING = "–"  # markdown: not evaluated / undefined
@@ -64,21 +63,6 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write beside `path` then rename, so a reader (or a resumed run) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _checked(matrix: Any, tasks: Sequence[str]) -> np.ndarray:
     R = as_accuracy_matrix(matrix)
     if len(tasks) != R.shape[1]:
@@ -86,16 +70,16 @@ def _checked(matrix: Any, tasks: Sequence[str]) -> np.ndarray:
     return R
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     """A figure on the Agg canvas: no display needed and pyplot's global backend left alone."""
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure
 
 
-def _save_png(figure: Figure, path: str | Path) -> Path:
+def save_png(figure: Figure, path: str | Path) -> Path:
     path = Path(path)
-    _atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=120))
+    atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=120))
     return path
 
 
@@ -103,7 +87,7 @@ def save_heatmap(matrix: Any, tasks: Sequence[str], path: str | Path, title: str
     """Accuracy-matrix heatmap in %; not-evaluated cells are grey and unlabelled."""
     R = _checked(matrix, tasks)
     T = len(tasks)
-    figure = _figure(max(4.5, 1.8 + 0.8 * T), max(3.0, 1.2 + 0.45 * (T + 1)))
+    figure = new_figure(max(4.5, 1.8 + 0.8 * T), max(3.0, 1.2 + 0.45 * (T + 1)))
     ax = figure.add_subplot()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(R * 100), cmap=cmap, vmin=0, vmax=100, aspect="auto")
@@ -117,7 +101,7 @@ def save_heatmap(matrix: Any, tasks: Sequence[str], path: str | Path, title: str
     ax.set_xlabel("evaluated on")
     ax.set_title(title)
     figure.colorbar(image, ax=ax, label="accuracy (%)")
-    return _save_png(figure, path)
+    return save_png(figure, path)
 
 
 def save_accuracy_over_time(
@@ -132,7 +116,7 @@ def save_accuracy_over_time(
     check_general(general, R.shape[0])
     steps = np.arange(R.shape[0])
     colours = matplotlib.colormaps["tab10" if len(tasks) + len(general) <= 10 else "tab20"]
-    figure = _figure(max(6.0, 2.5 + 0.7 * len(steps)), 4.5)
+    figure = new_figure(max(6.0, 2.5 + 0.7 * len(steps)), 4.5)
     ax = figure.add_subplot()
     for column, task in enumerate(tasks):
         ax.plot(steps, R[:, column] * 100, marker="o", color=colours(column % colours.N), label=task)
@@ -145,10 +129,10 @@ def save_accuracy_over_time(
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    return _save_png(figure, path)
+    return save_png(figure, path)
 
 
-def _percent(value: float | None, missing: str = MISSING) -> str:
+def format_percent(value: float | None, missing: str = MISSING) -> str:
     return missing if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
@@ -161,7 +145,9 @@ def _cell(text: str) -> str:
     return text.replace("|", r"\|")
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: Sequence[int] = (0,)) -> list[str]:
+def markdown_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: Sequence[int] = (0,)
+) -> list[str]:
     """Numbers right-aligned so decimals line up; `text_columns` left-aligned."""
     rule = ["---" if i in text_columns else "---:" for i in range(len(header))]
     lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join(rule) + "|"]
@@ -169,7 +155,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: S
     return lines
 
 
-def _matrix_rows(
+def matrix_rows(
     R: np.ndarray, tasks: Sequence[str], general: Mapping[str, Sequence[float | None]], missing: str
 ) -> tuple[list[str], list[list[str]]]:
     """Matrix rows with the general sets as extra columns, since both are indexed by the same rows."""
@@ -178,7 +164,7 @@ def _matrix_rows(
     rows = []
     for index, label in enumerate(row_labels(tasks)):
         values = [*R[index], *(general[name][index] for name in general)]
-        rows.append([label, *(_percent(v, missing) for v in values)])
+        rows.append([label, *(format_percent(v, missing) for v in values)])
     return header, rows
 
 
@@ -201,18 +187,18 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         general = entry.get("general") or {}
         metrics = _metrics_of(entry)
         heatmap, curve = plot_names(method)
-        header, rows = _matrix_rows(R, tasks, general, MISSING)
-        lines += ["", f"## {method}", "", "### Accuracy matrix", "", *_table(header, rows), ""]
+        header, rows = matrix_rows(R, tasks, general, MISSING)
+        lines += ["", f"## {method}", "", "### Accuracy matrix", "", *markdown_table(header, rows), ""]
         lines += [f"![{method} accuracy matrix]({heatmap})", "", f"![{method} accuracy over time]({curve})", ""]
         lines += ["### Metrics", ""]
-        rows = [[name, _percent(metrics.get(name)), METRIC_HELP[name]] for name in METRIC_NAMES]
-        lines += _table(["metric", "value", "meaning"], rows, text_columns=(0, 2))
+        rows = [[name, format_percent(metrics.get(name)), METRIC_HELP[name]] for name in METRIC_NAMES]
+        lines += markdown_table(["metric", "value", "meaning"], rows, text_columns=(0, 2))
         timings = entry.get("timings_s") or {}
         if timings:
             spent = ", ".join(f"{key.replace('_', ' ')} {value:.1f}" for key, value in timings.items())
             lines += ["", f"Time (s): {spent}"]
-        comparison.append([method, *(_percent(metrics.get(n)) for n in METRIC_NAMES)])
-    lines += ["", "## Comparison", "", *_table(["method", *METRIC_NAMES], comparison), ""]
+        comparison.append([method, *(format_percent(metrics.get(n)) for n in METRIC_NAMES)])
+    lines += ["", "## Comparison", "", *markdown_table(["method", *METRIC_NAMES], comparison), ""]
     return "\n".join(lines)
 
 
@@ -233,11 +219,11 @@ def terminal_summary(results: Mapping[str, Any]) -> str:
     lines = [f"Continual-learning metrics (%, {TERMINAL_MISSING} = undefined)"]
     lines += _fixed_width(
         ["metric", *methods],
-        [[name, *(_percent(metrics[m].get(name), TERMINAL_MISSING) for m in methods)] for name in METRIC_NAMES],
+        [[name, *(format_percent(metrics[m].get(name), TERMINAL_MISSING) for m in methods)] for name in METRIC_NAMES],
     )
     for method, entry in methods.items():
         R = _checked(entry["accuracy_matrix"], tasks)
-        header, rows = _matrix_rows(R, tasks, entry.get("general") or {}, TERMINAL_MISSING)
+        header, rows = matrix_rows(R, tasks, entry.get("general") or {}, TERMINAL_MISSING)
         lines += ["", f"{method}: accuracy matrix (%)", *_fixed_width(header, rows)]
     return "\n".join(lines)
 
@@ -252,11 +238,11 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
     markdown = markdown_report(results)  # validates every method before anything is written
     payload = json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n"
     written = [out / "results.json"]
-    _atomic_write(written[0], lambda f: f.write(payload.encode()))
+    atomic_write(written[0], lambda f: f.write(payload.encode()))
     tasks = list(results["tasks"])
     for (method, entry), (heatmap, curve) in zip(methods.items(), names):
         written.append(save_heatmap(entry["accuracy_matrix"], tasks, out / heatmap, f"{method}: accuracy (%)"))
         written.append(save_accuracy_over_time(entry["accuracy_matrix"], tasks, out / curve, entry.get("general")))
     written.append(out / "report.md")
-    _atomic_write(written[-1], lambda f: f.write(markdown.encode()))
+    atomic_write(written[-1], lambda f: f.write(markdown.encode()))
     return written

@@ -224,7 +224,7 @@ class ContinualRunner:
             "general_sets": [g.name for g in self.general_sets],
             "peft_config": json.loads(json.dumps(config, default=str, sort_keys=True)),
             "training": {k: _plain(getattr(self.args, k)) for k in keys},
-            "data": {t.name: _fingerprint(t.train_dataset) for t in self.tasks},
+            "data": {t.name: data_fingerprint(t.train_dataset) for t in self.tasks},
             **extra,
         }
 
@@ -370,7 +370,7 @@ def _last_complete_checkpoint(trainer_dir: Path) -> Path | None:
     return next((p for p in candidates if complete_trainer_checkpoint(p)), None)
 
 
-def _fingerprint(dataset: Any) -> str:
+def data_fingerprint(dataset: Any) -> str:
     """Size plus a hash of the first rows' plain values: stable across processes, unlike datasets' own fingerprint."""
 
     def plain(value: Any) -> Any:

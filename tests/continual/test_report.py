@@ -9,7 +9,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from keeplora_hf.continual import report
+from keeplora_hf.continual import checkpoint, report
 from keeplora_hf.continual.metrics import compute_all
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -146,6 +146,6 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        report._atomic_write(target, fail)
+        checkpoint.atomic_write(target, fail)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
