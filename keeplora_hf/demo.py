@@ -61,7 +61,6 @@ class DemoSettings:
     model_path: str | None = None
     overwrite: bool = False
     data_seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
