@@ -3,7 +3,8 @@
 By default it analyses the demo's pre-trained model on the general eval suite (one eval set per skill) and on the
 benchmark's image tasks, fine-tunes a LoRA on one task (frame_colour) as the probe, and writes JSON, plots and a summary with
 the recommended ε_w and γ. `--model` may be any LLaVA-style checkpoint directory, with `--eval-json` / `--train-json`
-files in the LLaVA JSON format instead of the synthetic sets.
+files in the LLaVA JSON format instead of the synthetic sets. `--recipe CONFIG.yaml` analyses what a training recipe
+trains instead: its model, its KeepLoRA targets, its tasks and general sets (`keeplora_hf.analysis.analyze_recipe`).
 """
 
 from __future__ import annotations
@@ -45,13 +46,21 @@ def add_analyze_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     )
     analyze.add_argument("--model", default=None,
                          help="a checkpoint directory (default: the demo model shipped with the package)")
+    analyze.add_argument("--recipe", default=None, metavar="CONFIG.yaml",
+                         help="a training recipe's config (recipes/*/config_*.yaml): analyse its model, its keeplora "
+                         "target_modules, every task's eval split scored by the task's metric and its general sets, "
+                         "with the probe on the first task's train split (instead of --model, --tasks, --targets, "
+                         "--eval-json, --train-json)")
+    analyze.add_argument("--data_root", "--data-root", default=None,
+                         help="with --recipe: the folder its task paths are relative to (the recipe's data_root)")
     analyze.add_argument("--output-dir", required=True, help="where analysis.json, summary.md and the plots go")
     analyze.add_argument("--tasks", nargs="+", default=list(IMAGE_TASKS),
                          help=f"synthetic image tasks to evaluate, or 'none' (default: all of {', '.join(IMAGE_TASKS)})")
     analyze.add_argument("--energies", nargs="+", type=float, default=list(DEFAULT_ENERGIES),
                          help="principal energy levels of the intra-layer measurement")
     analyze.add_argument("--eval-size", type=int, default=60,
-                         help="samples per general skill and per task (synthetic sets)")
+                         help="samples per general skill and per task (synthetic sets); with --recipe, the first "
+                         "rows of each eval set")
     analyze.add_argument("--targets", default=None,
                          help="regex (fullmatch) of the weights to analyse (default: the demo's language targets, "
                          "every attention and MLP projection of the language model)")
@@ -67,7 +76,8 @@ def add_analyze_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                          "at which resetting every target loses general knowledge)")
     analyze.add_argument("--finetune-task", default=None,
                          help=f"the task of the LoRA probe ('none' to skip; default: {DEFAULT_PROBE_TASK} when among "
-                         "--tasks, else the first of --tasks; with --train-json, the eval set it trains for)")
+                         "--tasks, else the first of --tasks; with --train-json, the eval set it trains for; with "
+                         "--recipe, one of its tasks, the first by default)")
     analyze.add_argument("--finetune-steps", type=int, default=40)
     analyze.add_argument("--finetune-rank", type=int, default=8)
     analyze.add_argument("--finetune-lr", type=float, default=3e-3)
@@ -141,17 +151,54 @@ def _json_eval_sets(specs: Sequence[str], image_folder: str, collator: Any, batc
     return sets
 
 
+def _auto_or_float(value: str) -> float | str:
+    return value if value == "auto" else float(value)
+
+
 def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = {
+        "energies": args.energies, "groups": args.groups, "inter_energy": _auto_or_float(args.inter_energy),
+        "perturb_scale": _auto_or_float(args.perturb_scale), "reset_energy": _auto_or_float(args.reset_energy),
+        "output_dir": args.output_dir, "seed": args.seed,
+    }
+    probe = {
+        "steps": args.finetune_steps, "batch_size": args.finetune_batch_size, "rank": args.finetune_rank,
+        "learning_rate": args.finetune_lr, "reconstruct": not args.no_reconstruct, "seed": args.seed,
+    }
+    results = _analyze_recipe(args, options, probe) if args.recipe else _analyze_model(args, options, probe)
+    print(results["recommendation"]["text"])
+    print(f"written: {', '.join(results['files'])}")
+    return results
+
+
+def _analyze_recipe(args: argparse.Namespace, options: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
+    from .analysis import analyze_recipe
+
+    given = [flag for flag, value in (("--model", args.model), ("--targets", args.targets),
+                                      ("--eval-json", args.eval_json), ("--train-json", args.train_json)) if value]
+    if given:
+        raise SystemExit(f"--recipe takes the model, targets and data from the recipe: drop {' '.join(given)}")
+    if args.finetune_task == "none":
+        finetune = None
+    else:
+        finetune = probe | ({"task": args.finetune_task} if args.finetune_task else {})
+    overrides = ["--data_root", args.data_root] if args.data_root else []
+    return analyze_recipe(args.recipe, overrides, eval_size=args.eval_size, finetune=finetune, **options)
+
+
+def _analyze_model(args: argparse.Namespace, options: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
     from .analysis import FinetuneSpec, analyze
     from .data.collators import VLMChatCollator
     from .data.synthetic.tasks import TASK_SPECS, make_task
     from .models.demo import DEMO_LANGUAGE_TARGETS
     from .models.pretrain import chat_rows
 
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    if args.data_root:
+        raise SystemExit("--data_root is the data folder of a recipe: it needs --recipe")
     tasks = [] if args.tasks == ["none"] else list(args.tasks)
     unknown = [t for t in tasks if t not in TASK_SPECS]
     if unknown:
@@ -176,23 +223,8 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
             train = chat_rows(make_task(task, "train", args.finetune_steps * args.finetune_batch_size, seed=args.seed))
         else:
             raise SystemExit(f"--finetune-task {task!r} needs --train-json (it is no synthetic task)")
-        finetune = FinetuneSpec(
-            task=task, train_dataset=train, collator=collator, steps=args.finetune_steps,
-            batch_size=args.finetune_batch_size, rank=args.finetune_rank, learning_rate=args.finetune_lr,
-            reconstruct=not args.no_reconstruct, seed=args.seed,
-        )
-    def auto_or_float(value: str) -> float | str:
-        return value if value == "auto" else float(value)
-
-    results = analyze(
-        model, eval_sets, args.targets or DEMO_LANGUAGE_TARGETS,
-        energies=args.energies, groups=args.groups, inter_energy=auto_or_float(args.inter_energy),
-        perturb_scale=auto_or_float(args.perturb_scale), reset_energy=auto_or_float(args.reset_energy),
-        finetune=finetune, output_dir=args.output_dir, seed=args.seed,
-    )
-    print(results["recommendation"]["text"])
-    print(f"written: {', '.join(results['files'])}")
-    return results
+        finetune = FinetuneSpec(task=task, train_dataset=train, collator=collator, **probe)
+    return analyze(model, eval_sets, args.targets or DEMO_LANGUAGE_TARGETS, finetune=finetune, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

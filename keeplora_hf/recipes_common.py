@@ -66,9 +66,13 @@ __all__ = [
     "ModelArguments",
     "PROJECTOR_MODULES",
     "RecipeArguments",
+    "TINY_DATA_WRITERS",
     "TaskClipCollator",
+    "VIDEO_FAMILIES",
     "build_chat_tasks",
     "build_classification_tasks",
+    "chat_collator",
+    "chat_media",
     "clip_loss",
     "clip_zero_shot_metric",
     "keeplora_config",
@@ -77,6 +81,7 @@ __all__ = [
     "parse_recipe_args",
     "projector_optimizer",
     "refuse_sharded_parameters",
+    "run_chat_recipe",
     "run_recipe",
     "seed_principal_energy",
     "write_tiny_classification_data",
@@ -103,6 +108,8 @@ PROJECTOR_MODULES = {
     "video_llava": ["multi_modal_projector"],
     "qwen2_vl": ["merger"],
 }
+# The chat families whose recipes read clips (video_llm); the others read images unless a task names `video_folder`.
+VIDEO_FAMILIES = ("video_llava", "llava_next_video")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -241,8 +248,13 @@ def parse_recipe_args(argv: Sequence[str] | None = None) -> RecipeConfig:
         del argv[position : position + 2]
     values: dict[str, Any] = {}
     if config_path is not None:
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"recipe config {config_path} not found")
         with open(config_path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
+            try:
+                values = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as error:
+                raise ValueError(f"{config_path}: not valid YAML: {error}") from error
         if not isinstance(values, dict):
             raise ValueError(f"{config_path}: a recipe config must be a YAML mapping")
     sections = {key: copy.deepcopy(values.pop(key, None)) for key in SECTION_KEYS}
@@ -626,6 +638,24 @@ def _sort_errors(errors: list[str]) -> list[str]:
     return sorted(errors, key=key)
 
 
+def chat_collator(config: RecipeConfig, processor: Any, family: str) -> VLMChatCollator:
+    """The recipe's training collator; generation-based evaluation renders the same rows through its twin."""
+    return VLMChatCollator(processor, max_length=config.data.max_length, model_family=family,
+                           num_frames=config.data.num_frames)
+
+
+def chat_media(config: RecipeConfig, family: str) -> str:
+    """"image" or "video": what a chat recipe's tasks hold, for callers that have only its config (the scripts know).
+
+    A task's `video_folder` / `image_folder` says it; without either, the model's family does (Video-LLaVA and
+    LLaVA-NeXT-Video read clips, the others images).
+    """
+    for media in ("video", "image"):
+        if any(f"{media}_folder" in entry for entry in [*config.tasks, *config.general_sets]):
+            return media
+    return "video" if family in VIDEO_FAMILIES else "image"
+
+
 def build_chat_tasks(
     config: RecipeConfig, collator: VLMChatCollator, media: str
 ) -> tuple[list[ContinualTask], list[GeneralSet]]:
@@ -871,6 +901,27 @@ def run_recipe(
     return runner.run()
 
 
+def run_chat_recipe(argv: Sequence[str] | None, media: str) -> dict[str, Any]:
+    """A chat recipe's whole run on `media` ("image": recipes/llava_vqa, "video": recipes/video_llm).
+
+    Arguments, the tiny data when asked for, the model, every task loaded and checked before training (files,
+    `<image>` / `<video>` markers and media, conversations, lengths), then KeepLoRA++ over the sequence.
+    """
+    config = parse_recipe_args(argv)
+    prepare(config, writer=TINY_DATA_WRITERS[media])
+    model, processor, family = load_vlm(config.model)
+    collator = chat_collator(config, processor, family)
+    tasks, general = build_chat_tasks(config, collator, media=media)
+
+    projector = config.model.projector_modules or PROJECTOR_MODULES[family]
+    peft_config, energy_pattern = keeplora_config(config.keeplora, projector if config.model.train_projector else ())
+    trainer_kwargs = {}
+    if config.model.train_projector:
+        trainer_kwargs.update(projector_optimizer(config.training, config.model.projector_learning_rate))
+    return run_recipe(config, model, tasks, general, collator, trainer_kwargs=trainer_kwargs,
+                      principal_energy_pattern=energy_pattern, peft_config=peft_config)
+
+
 # -- tiny data in the real formats, for the tiny configs ----------------------------------------------------------
 
 _COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 50, 220), "yellow": (230, 220, 30),
@@ -972,3 +1023,10 @@ def write_tiny_classification_data(root: str | os.PathLike, train: int = 4, eval
         (root / "secondary" / f"{split}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 
+
+# The tiny data set each kind of recipe writes into data_root with `tiny_data: true`.
+TINY_DATA_WRITERS: dict[str, Callable[[Path], Path]] = {
+    "image": write_tiny_vqa_data,
+    "video": write_tiny_video_data,
+    "classification": write_tiny_classification_data,
+}
