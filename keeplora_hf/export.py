@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .tuner.layer import FinishedTask, layer_state
-from .tuner.model import _tuner_of, keeplora_layers
+from .tuner.model import keeplora_layers, tuner_of
 
 
 def export_lora(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -25,7 +25,7 @@ def export_lora(model: nn.Module, path: str | os.PathLike) -> Path:
     (plus the task under way, if any). Its plain-LoRA scaling `alpha_l / (k r)` equals `s_l` through a per-layer
     `alpha_pattern`, so the adapter applied to the *original* base model reproduces this model's outputs.
     """
-    tuner = _tuner_of(getattr(model, "module", model))
+    tuner = tuner_of(getattr(model, "module", model))
     adapter = tuner.keeplora_adapter()
     config = tuner.peft_config[adapter]
     layers = keeplora_layers(tuner.model, adapter)

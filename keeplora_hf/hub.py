@@ -65,7 +65,7 @@ from .continual.report import (
 from .continual.runner import data_fingerprint
 from .export import export_lora
 from .tuner.layer import layer_state
-from .tuner.model import STATE_KEY, _tuner_of, keeplora_layers
+from .tuner.model import STATE_KEY, keeplora_layers, tuner_of
 from .tuner.registration import KEEPLORA_PEFT_TYPE
 
 logger = logging.getLogger(__name__)
@@ -768,7 +768,7 @@ def _model_at(info: RunInfo, model: PeftModel | None, base_model: Any) -> PeftMo
     """The model at the run's last learned task: the one given, checked, or rebuilt from the base model."""
     if model is None:
         return load_run(info, base_model, is_trainable=False)
-    tuner = _tuner_of(model)
+    tuner = tuner_of(model)
     progress = tuner.progress(tuner.keeplora_adapter())
     if progress.task_index != info.learned or progress.in_task:
         raise ValueError(
@@ -871,7 +871,7 @@ def _load_base(name_or_path: str) -> nn.Module:
 @contextlib.contextmanager
 def _first_tasks(model: nn.Module, count: int) -> Iterator[None]:
     """Every layer's task history cut to its first `count` tasks for the duration (the weights are left as they are)."""
-    tuner = _tuner_of(model)
+    tuner = tuner_of(model)
     adapter = tuner.keeplora_adapter()
     states = [layer_state(m, adapter) for m in keeplora_layers(tuner.model, adapter).values()]
     saved = [state.tasks for state in states]
@@ -886,7 +886,7 @@ def _first_tasks(model: nn.Module, count: int) -> Iterator[None]:
 
 def _export_after(model: PeftModel, index: int, out: Path) -> Path:
     """`export_lora` of the first `index` finished tasks: exact, since each task's update is stored on its own."""
-    tuner = _tuner_of(model)
+    tuner = tuner_of(model)
     progress = tuner.progress(tuner.keeplora_adapter())
     if index == progress.task_index:
         return export_lora(model, out)

@@ -24,14 +24,14 @@ from .statistics import (
 from .subspace import FeatureStatistics, GradientSketch, Subspace, memory_directions, principal_basis, residual_directions
 from .tuner.config import KeepLoRAConfig, state_torch_dtype
 from .tuner.layer import STATE_ATTR, FinishedTask, KeepLoRALayerState, apply_delta_, layer_state
-from .tuner.model import LAYER_CACHE_ATTR, KeepLoRAModel, TaskProgress, _tuner_of, keeplora_layers
+from .tuner.model import LAYER_CACHE_ATTR, KeepLoRAModel, TaskProgress, keeplora_layers, tuner_of
 
 logger = logging.getLogger(__name__)
 
 
 def _context(model: nn.Module) -> tuple[KeepLoRAModel, str, KeepLoRAConfig, dict[str, LoraLayer]]:
     model = getattr(model, "module", model)  # DistributedDataParallel and friends
-    tuner = _tuner_of(model)
+    tuner = tuner_of(model)
     adapter = tuner.keeplora_adapter()
     return tuner, adapter, tuner.peft_config[adapter], keeplora_layers(model, adapter)
 
@@ -312,7 +312,7 @@ def project_lora_A_(model: nn.Module) -> None:
 
 def _projected_layers(model: nn.Module) -> tuple[str, list[LoraLayer]]:
     """The active adapter and its target layers, cached on the tuner: `project_lora_A_` runs after every step."""
-    tuner = _tuner_of(getattr(model, "module", model))
+    tuner = tuner_of(getattr(model, "module", model))
     adapter = tuner.keeplora_adapter()
     cache = tuner.__dict__.setdefault(LAYER_CACHE_ATTR, {})
     layers = cache.get(adapter)

@@ -44,10 +44,10 @@ from .continual.generation import NORMALIZERS, generation_metric
 from .data.collators import ClipCollator, VLMChatCollator, validate_lengths
 from .data.formats import (
     DataFormatError,
-    _read_rows,
     load_classification,
     load_llava_json,
     load_video_qa_json,
+    read_rows,
     row_name,
     source_of,
 )
@@ -56,7 +56,7 @@ from .statistics import move_to
 from .subspace import principal_basis
 from .tuner.config import KeepLoRAConfig
 from .tuner.layer import layer_state
-from .tuner.model import _tuner_of, keeplora_layers
+from .tuner.model import keeplora_layers, tuner_of
 
 logger = logging.getLogger(__name__)
 
@@ -498,7 +498,7 @@ def seed_principal_energy(model: PeftModel, pattern: dict[str, float]) -> list[s
     """
     if not pattern:
         return []
-    tuner = _tuner_of(model)
+    tuner = tuner_of(model)
     adapter = tuner.keeplora_adapter()
     config = tuner.peft_config[adapter]
     # as begin_task does it: the configured state dtype (float32 by default) and SVD solver, when the config has them
@@ -522,7 +522,7 @@ def seed_principal_energy(model: PeftModel, pattern: dict[str, float]) -> list[s
 
 def check_unquantized_targets(model: PeftModel) -> None:
     """KeepLoRA merges into its targets' weights and takes their SVD: they must be plain floating-point weights."""
-    tuner = _tuner_of(model)
+    tuner = tuner_of(model)
     for name, module in keeplora_layers(model, tuner.keeplora_adapter()).items():
         base = module.get_base_layer()
         if "bitsandbytes" in type(base).__module__ or not base.weight.is_floating_point():
@@ -591,7 +591,7 @@ def _with_extra_columns(
 
     The loaders keep every row of a valid file in order, so row `i` of the dataset is row `i` of the file.
     """
-    raw = _read_rows(path)
+    raw = read_rows(path)
     for column in columns:
         if not any(isinstance(r, dict) and column in r for r in raw):
             continue

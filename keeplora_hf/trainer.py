@@ -13,7 +13,7 @@ from transformers import Trainer
 
 from .lifecycle import begin_task, end_task, project_lora_A_
 from .statistics import LossFn, default_loss
-from .tuner.model import _tuner_of
+from .tuner.model import tuner_of
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class KeepLoRATrainer(Trainer):
 
     @property
     def _keeplora(self):
-        tuner = _tuner_of(self.model)
+        tuner = tuner_of(self.model)
         return tuner, tuner.keeplora_adapter()
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):

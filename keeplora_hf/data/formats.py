@@ -33,6 +33,7 @@ __all__ = [
     "load_classification",
     "load_llava_json",
     "load_video_qa_json",
+    "read_rows",
     "row_name",
     "source_of",
 ]
@@ -86,7 +87,7 @@ class _Checker:
             raise DataFormatError(self.errors)
 
 
-def _read_rows(path: Path) -> list[Any]:
+def read_rows(path: Path) -> list[Any]:
     """A JSON list, or JSON Lines (`.jsonl`, or any file whose content is one object per line)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -216,7 +217,7 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike) ->
     folder = Path(image_folder)
     checker = _Checker(str(path))
     rows = []
-    for index, row in enumerate(_read_rows(path)):
+    for index, row in enumerate(read_rows(path)):
         if not isinstance(row, dict):
             checker.add(index, row, f"row is not an object but {type(row).__name__}")
             continue
@@ -275,7 +276,7 @@ def load_video_qa_json(path: str | os.PathLike, video_folder: str | os.PathLike)
     checker = _Checker(str(path))
     probe = _VideoProbe()
     rows = []
-    for index, row in enumerate(_read_rows(path)):
+    for index, row in enumerate(read_rows(path)):
         if not isinstance(row, dict):
             checker.add(index, row, f"row is not an object but {type(row).__name__}")
             continue
@@ -326,7 +327,7 @@ def _table_rows(path: Path, image_column: str, label_column: str) -> list[Any]:
             if missing:
                 raise DataFormatError([f"{path}: CSV header lacks column(s) {sorted(missing)}"])
             return list(reader)
-    return _read_rows(path)
+    return read_rows(path)
 
 
 def load_classification(

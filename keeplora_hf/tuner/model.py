@@ -89,7 +89,8 @@ class KeepLoRAModel(LoraModel):
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, rest)
 
 
-def _tuner_of(model: nn.Module) -> KeepLoRAModel:
+def tuner_of(model: nn.Module) -> KeepLoRAModel:
+    """The KeepLoRA tuner of `model`: the model itself, or the `base_model` of the PeftModel wrapping it."""
     if isinstance(model, KeepLoRAModel):
         return model
     tuner = getattr(model, "base_model", None)
@@ -109,7 +110,7 @@ def keeplora_layers(model: nn.Module, adapter_name: str) -> dict[str, LoraLayer]
 
 def continual_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """Flat tensors of the whole continual state, keyed `<layer>.keeplora_state.<field>`, for safetensors."""
-    progress = _tuner_of(model).progress(adapter_name)
+    progress = tuner_of(model).progress(adapter_name)
     tensors = {
         f"{STATE_KEY}.task_index": torch.tensor([progress.task_index], dtype=torch.int64),
         f"{STATE_KEY}.in_task": torch.tensor([int(progress.in_task)], dtype=torch.int64),
@@ -145,7 +146,7 @@ def load_continual_state(model: nn.Module, adapter_name: str, tensors: dict[str,
     """
     if not tensors:
         return
-    tuner = _tuner_of(model)
+    tuner = tuner_of(model)
     config = tuner.peft_config[adapter_name]
     layers = keeplora_layers(model, adapter_name)
     by_layer: dict[str, dict[str, torch.Tensor]] = {}
@@ -243,4 +244,4 @@ def _parse_layer_state(name: str, module: LoraLayer, fields: dict[str, torch.Ten
     return state
 
 
-__all__ = ["KEEPLORA_PEFT_TYPE", "KeepLoRAModel", "TaskProgress", "keeplora_layers"]
+__all__ = ["KEEPLORA_PEFT_TYPE", "KeepLoRAModel", "TaskProgress", "keeplora_layers", "tuner_of"]
