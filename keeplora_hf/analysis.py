@@ -577,6 +577,7 @@ def analyze(
         results["spectra"] = _spectra_summary(model, spectra, energies)
         results["groups"] = [g.as_dict() for g in group_list]
         results["intra_layer"] = _timed(ctx, "intra_layer", lambda: _intra_layer(ctx, energies))
+        results["input_share"] = _timed(ctx, "input_share", lambda: _input_share(ctx, energies))
         if spec is not None:
             results["finetune"] = _timed(ctx, "finetune", lambda: _finetune_probe(ctx, group_list, spec, energies, flags))
         eps_w = recommend_eps_w(results, chances)
@@ -616,6 +617,43 @@ def _intra_layer(ctx: _Context, energies: Sequence[float]) -> dict[str, Any]:
             with ctx.snapshot.intervention():
                 intervene(ctx.snapshot, ctx.spectra, ctx.names, energy)
                 out[kind][_key(energy)] = ctx.measure()
+    return out
+
+
+def _input_share(ctx: _Context, energies: Sequence[float]) -> dict[str, Any]:
+    """Per eval set, the share of each target's input energy inside its principal subspace: `‖x V_p‖² / ‖x‖²`.
+
+    A KeepLoRA update acts only on the residual part of a layer's input, `x (I − V_p V_pᵀ)`. So the principal
+    subspace shields general knowledge only where general inputs lie in it and task inputs do not; the weight-side
+    reconstruction (`_intra_layer`) cannot show that, this input-side measurement does. One evaluation per set.
+    """
+    levels = [e for e in energies if 0.0 < e < 1.0]
+    out: dict[str, Any] = {}
+    for set_name, eval_set in ctx.eval_sets.items():
+        along = {n: torch.zeros(len(ctx.spectra[n].singular), dtype=COMPUTE_DTYPE) for n in ctx.names}
+        total = dict.fromkeys(ctx.names, 0.0)
+
+        def recorder(name: str) -> Callable[[nn.Module, tuple], None]:
+            def hook(module: nn.Module, args: tuple) -> None:
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                coordinates = x.float() @ ctx.spectra[name].vh.to(x.device).T
+                along[name] += coordinates.to(COMPUTE_DTYPE).square().sum(0).cpu()
+                total[name] += float(x.to(COMPUTE_DTYPE).square().sum())
+
+            return hook
+
+        handles = [ctx.snapshot.modules[n].register_forward_pre_hook(recorder(n)) for n in ctx.names]
+        try:
+            _evaluate(ctx.model, {set_name: eval_set})
+        finally:
+            for handle in handles:
+                handle.remove()
+        layers = {
+            n: {_key(e): float(along[n][: ctx.spectra[n].rank(e)].sum()) / total[n] for e in levels}
+            for n in ctx.names
+            if total[n] > 0
+        }
+        out[set_name] = {"mean": {_key(e): _mean([v[_key(e)] for v in layers.values()]) for e in levels}, "layers": layers}
     return out
 
 

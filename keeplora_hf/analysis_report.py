@@ -253,6 +253,14 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
     lines += ["", "Share of each set's accuracy above chance that the principal part keeps (– : the unchanged model is "
               "not clearly above chance on it):", ""]
     lines += _table(["", *names], _retention_rows(results, results["intra_layer"]["principal"], base["accuracy"]))
+    share = results.get("input_share")
+    if share:
+        levels = list(next(iter(share.values()))["mean"])
+        lines += ["", "Where each set's inputs lie: share of the target layers' input energy inside the principal subspace "
+                  "(mean over targets). KeepLoRA updates act only on the rest; the principal subspace shields general "
+                  "knowledge only if general inputs lie in it more than task inputs do:", ""]
+        lines += _table(["", *(f"ε={e}" for e in levels)],
+                        [[n, *(_pct(share[n]["mean"][e]) for e in levels)] for n in names if n in share])
     probe = results.get("finetune")
     if probe and probe.get("all_groups"):
         recon = probe["all_groups"]

@@ -78,6 +78,7 @@ METHODS: dict[str, Method] = {
         Method("keeplora++ eps_w=0.3", "KeepLoRA++ with a smaller principal subspace", _keeplora(principal_energy=0.3)),
         Method("keeplora++ eps_w=0.9", "KeepLoRA++ with a larger principal subspace", _keeplora(principal_energy=0.9)),
         Method("keeplora++ eps_f=0.9", "KeepLoRA++ with a smaller feature memory", _keeplora(feature_energy=0.9)),
+        Method("keeplora++ eps_f=0.999", "KeepLoRA++ with a larger feature memory", _keeplora(feature_energy=0.999)),
         Method("joint-lora", "one LoRA on all tasks at once (upper bound)", _lora, kind="joint"),
     )
 }

@@ -193,6 +193,8 @@ def test_analyze_measures_everything_and_returns_the_model_bit_identical(tiny, t
     assert set(split["residual"]) == set(split["principal"]) == {"0.5"}  # energies strictly between 0 and 1
     # the fine-tuned model's own reconstruction at energy 1 is that fine-tuned model
     assert probe["all_groups"]["principal"]["1"]["accuracy"] == probe["all_groups"]["finetuned"]["accuracy"]
+    assert set(results["input_share"]) == {"general", "task"}
+    assert set(results["input_share"]["task"]["mean"]) == {"0.5"} and len(results["input_share"]["task"]["layers"]) == 14
     spectra = {row["name"]: row for row in results["spectra"]}
     assert len(spectra) == 14 and all(row["ranks"]["1"] == row["full_rank"] == 32 for row in spectra.values())
     recommendation = results["recommendation"]
@@ -255,3 +257,27 @@ def test_reset_energy_is_where_resetting_every_target_starts_to_lose_general_kno
     assert _reset_energy(retention, below=0.8) == 0.6
     assert _reset_energy(retention, below=0.6) == 0.4
     assert _reset_energy({"0.5": 0.95, "0.9": 1.0}, below=0.9) == 0.5  # nothing loses: the lowest tested energy
+
+
+def test_input_share_is_the_inputs_energy_inside_the_methods_principal_basis(setup, tiny_sets):
+    """`‖x P‖² / ‖x‖²` of every target input seen while a set is evaluated, P the method's own principal basis."""
+    from keeplora_hf.analysis import _Context, _input_share
+
+    tiny, names, snapshot, spectra = setup
+    ctx = _Context(tiny.model, tiny_sets, ["general"], ["task"], snapshot, spectra, names)
+    share = _input_share(ctx, (0.0, 0.5, 0.9, 1.0))
+
+    assert set(share) == {"general", "task"}
+    assert set(share["general"]["mean"]) == {"0.5", "0.9"}  # 0 and 1 are trivially 0 % and (d_out >= d_in) 100 %
+    name = names[0]
+    seen = []
+    handle = snapshot.modules[name].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().double()))
+    tiny_sets["general"].metric(tiny.model, tiny_sets["general"].dataset)
+    handle.remove()
+    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])
+    for energy in (0.5, 0.9):
+        basis = principal_basis(snapshot.modules[name].weight.detach(), energy).double()
+        expected = ((x @ basis).square().sum() / x.square().sum()).item()
+        assert share["general"]["layers"][name][f"{energy:g}"] == pytest.approx(expected, rel=1e-5)
+    for result in share.values():
+        assert 0.0 < result["mean"]["0.5"] < result["mean"]["0.9"] < 1.0
