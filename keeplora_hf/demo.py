@@ -173,14 +173,21 @@ def _evaluate_all(model, tasks, general) -> tuple[list[float], dict[str, float]]
     return [t.metric(model, t.eval_dataset) for t in tasks], {g.name: g.metric(model, g.eval_dataset) for g in general}
 
 
-def _entry(method: Method, matrix: list[list[float | None]], general: dict[str, list], out: Path) -> dict[str, Any]:
+# A joint run has no sequence, only rows 0 and T: the metrics of a sequence (plasticity, forgetting, ...) are undefined
+JOINT_METRICS = ("last", "mfn", "general_retention")
+
+
+def _entry(
+    method: Method, matrix: list[list[float | None]], general: dict[str, list], out: Path, defined: tuple[str, ...] = METRIC_NAMES
+) -> dict[str, Any]:
+    metrics = compute_all(np.array(matrix, dtype=float), general)
     results = {
         "tasks": None,
         "methods": {
             method.name: {
                 "accuracy_matrix": matrix,
                 "general": general,
-                "metrics": compute_all(np.array(matrix, dtype=float), general),
+                "metrics": {k: (v if k in defined else None) for k, v in metrics.items()},
                 "timings_s": {},
             }
         },
@@ -206,7 +213,7 @@ def _joint(method, model, tasks, general, collator, args, out: Path) -> dict[str
     gap = [None] * len(tasks)
     matrix = [before] + [gap] * (len(tasks) - 1) + [after]
     kept = {k: [kept_before[k]] + [None] * (len(tasks) - 1) + [kept_after[k]] for k in kept_before}
-    return _entry(method, matrix, kept, out)
+    return _entry(method, matrix, kept, out, defined=JOINT_METRICS)
 
 
 def _benchmark_data(data_dir: Path, settings: DemoSettings) -> dict[str, Any]:

@@ -36,7 +36,10 @@ def test_short_demo_run_writes_results_and_resumes(tmp_path, quick_model, capsys
     for name, entry in results["methods"].items():
         assert len(entry["accuracy_matrix"]) == 3, name
         assert set(entry["general"]) == {"general"}
-    assert results["methods"]["joint-lora"]["accuracy_matrix"][1] == [None, None]
+    joint = results["methods"]["joint-lora"]
+    assert joint["accuracy_matrix"][1] == [None, None]
+    assert joint["metrics"]["last"] == sum(joint["accuracy_matrix"][-1]) / 2
+    assert joint["metrics"]["mft"] is None and joint["metrics"]["bwt"] is None  # no sequence, no plasticity or forgetting
     assert (out / "summary.md").exists() and list((out / "image" / "seed0").glob("heatmap_*.png"))
     assert (out / "data" / "manifest.json").exists()
     assert "| keeplora++ |" in capsys.readouterr().out
