@@ -128,26 +128,41 @@ def _video_sequence(data: dict[str, Any], settings: DemoSettings) -> Sequence:
 
 def _run_method(method: Method, sequence: Sequence, settings: DemoSettings, seed: int, out: Path) -> dict[str, Any]:
     if (out / "results.json").exists() and not settings.overwrite:
-        return read_json(out / "results.json")
+        return _finished(out, settings)
     base = sequence.load_base()
     tasks, general = sequence.tasks, sequence.general
+    config = {"demo": _training_settings(settings)}
     if method.kind == "none":
-        return _zero_shot(method, base, tasks, general, out)
+        return _zero_shot(method, base, tasks, general, out, config)
     torch.manual_seed(seed)
     model = get_peft_model(base, method.make_config(settings.rank, settings.alpha, DEMO_TARGETS, base))
     args = _training_args(settings, seed, out / "trainer")
     if method.kind == "joint":
-        return _joint(method, model, tasks, general, sequence.collator, args, out)
+        return _joint(method, model, tasks, general, sequence.collator, args, out, config)
     runner = ContinualRunner(
         model, tasks, args, out, general_sets=general, data_collator=sequence.collator, method=method.name,
-        run_config={"demo": _training_settings(settings)}, overwrite=settings.overwrite,
+        run_config=config, overwrite=settings.overwrite,
     )
     return runner.run()
 
 
+def _finished(out: Path, settings: DemoSettings) -> dict[str, Any]:
+    """A finished run's results, refused when it was run with other settings: a changed flag must not be ignored."""
+    results = read_json(out / "results.json")
+    recorded = (results.get("config") or {}).get("demo", {})
+    current = to_jsonable(_training_settings(settings))
+    differing = sorted(k for k in recorded.keys() & current.keys() if recorded[k] != current[k])
+    if differing:
+        raise ValueError(
+            f"{out} holds a finished run with other settings (differs in: {', '.join(differing)}); pass --overwrite "
+            "to replace it, or choose another --output-dir"
+        )
+    return results
+
+
 def _training_settings(settings: DemoSettings) -> dict[str, Any]:
-    """What decides one method's run: not which other methods or seeds run beside it, nor where it is written."""
-    ignored = {"output_dir", "methods", "seeds", "overwrite"}
+    """What decides one method's run: not which other methods, seeds or sequences run beside it, nor where it is written."""
+    ignored = {"output_dir", "methods", "seeds", "overwrite", "video"}
     return {k: v for k, v in asdict(settings).items() if k not in ignored}
 
 
@@ -178,11 +193,17 @@ JOINT_METRICS = ("last", "mfn", "general_retention")
 
 
 def _entry(
-    method: Method, matrix: list[list[float | None]], general: dict[str, list], out: Path, defined: tuple[str, ...] = METRIC_NAMES
+    method: Method,
+    matrix: list[list[float | None]],
+    general: dict[str, list],
+    out: Path,
+    config: dict[str, Any],
+    defined: tuple[str, ...] = METRIC_NAMES,
 ) -> dict[str, Any]:
     metrics = compute_all(np.array(matrix, dtype=float), general)
     results = {
         "tasks": None,
+        "config": config,
         "methods": {
             method.name: {
                 "accuracy_matrix": matrix,
@@ -197,14 +218,14 @@ def _entry(
     return results
 
 
-def _zero_shot(method, model, tasks, general, out: Path) -> dict[str, Any]:
+def _zero_shot(method, model, tasks, general, out: Path, config: dict[str, Any]) -> dict[str, Any]:
     """The untouched model: every row of its matrix is the same evaluation."""
     row, kept = _evaluate_all(model, tasks, general)
     rows = len(tasks) + 1
-    return _entry(method, [row] * rows, {k: [v] * rows for k, v in kept.items()}, out)
+    return _entry(method, [row] * rows, {k: [v] * rows for k, v in kept.items()}, out, config)
 
 
-def _joint(method, model, tasks, general, collator, args, out: Path) -> dict[str, Any]:
+def _joint(method, model, tasks, general, collator, args, out: Path, config: dict[str, Any]) -> dict[str, Any]:
     """All tasks' data at once: an upper bound with no sequence, so only rows 0 and T are defined."""
     before, kept_before = _evaluate_all(model, tasks, general)
     union = concatenate_datasets([t.train_dataset for t in tasks]).shuffle(seed=args.seed)
@@ -213,7 +234,7 @@ def _joint(method, model, tasks, general, collator, args, out: Path) -> dict[str
     gap = [None] * len(tasks)
     matrix = [before] + [gap] * (len(tasks) - 1) + [after]
     kept = {k: [kept_before[k]] + [None] * (len(tasks) - 1) + [kept_after[k]] for k in kept_before}
-    return _entry(method, matrix, kept, out, defined=JOINT_METRICS)
+    return _entry(method, matrix, kept, out, config, defined=JOINT_METRICS)
 
 
 def _benchmark_data(data_dir: Path, settings: DemoSettings) -> dict[str, Any]:

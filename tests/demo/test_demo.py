@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -50,6 +51,9 @@ def test_short_demo_run_writes_results_and_resumes(tmp_path, quick_model, capsys
     # a second call finds every method done and only re-reads results
     again = run_demo(settings)
     assert json.loads(json.dumps(again, default=str)) == json.loads(json.dumps(summary, default=str))
+    # ... but not with other settings: finished runs of 1 epoch are not passed off as runs of 2
+    with pytest.raises(ValueError, match=r"image/seed0/zero-shot holds a finished run .*differs in: epochs"):
+        run_demo(replace(settings, epochs=2))
 
 
 def test_cli_rejects_unknown_methods(tmp_path):
