@@ -74,10 +74,10 @@ def measure(model, directory: Path) -> dict:
     }
 
 
-CONFIGS = {
-    "float32": {},
+CONFIGS = {  # keep_principal_basis=False is the default; named explicitly so the labels hold whatever it is
+    "float32, keep_principal_basis=True": {"keep_principal_basis": True},
     "float32, keep_principal_basis=False": {"keep_principal_basis": False},
-    "bfloat16": {"state_dtype": "bfloat16"},
+    "bfloat16, keep_principal_basis=True": {"state_dtype": "bfloat16", "keep_principal_basis": True},
     "bfloat16, keep_principal_basis=False": {"state_dtype": "bfloat16", "keep_principal_basis": False},
 }
 

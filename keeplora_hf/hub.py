@@ -16,7 +16,7 @@ adapter after the last learned task; its safetensors hold the continual state), 
 a plain LoRA), ``README.md`` (the card), ``results.json``, ``report.md``, the PNG plots, and the run record that
 `seed_run_dir` needs: ``run.json``, ``row_000.json``, ``tasks/NNN_<name>/row.json``. A per-task revision holds the
 same files for the state after that task. Only the final adapter is pushed (each adapter carries every task's
-update, plus principal bases that may weigh gigabytes on a 7B model), so a repo rebuilds the state after its last
+update, plus subspace bases that may weigh gigabytes on a 7B model), so a repo rebuilds the state after its last
 task, and every earlier task's plain LoRA, but the continual state after an earlier task only from that task's
 revision.
 """
@@ -64,6 +64,7 @@ from .continual.report import (
 )
 from .continual.runner import data_fingerprint
 from .export import export_lora
+from .subspace import squared_singular_values
 from .tuner.layer import layer_state
 from .tuner.model import STATE_KEY, keeplora_layers, tuner_of
 from .tuner.registration import KEEPLORA_PEFT_TYPE
@@ -561,7 +562,7 @@ def load_run(
     `base_model` is the fresh pre-trained model the run started from (it is changed in place: the learned tasks
     are merged into its weights), or its Hub id / local path, or None for the adapter's `base_model_name_or_path`.
     Refuses a base model of another name (both Hub ids) or class than the one the adapter records, one whose weights
-    the saved principal bases do not fit (another model of the same shapes), and one whose shapes do not fit.
+    the saved principal subspaces do not fit (another model of the same shapes), and one whose shapes do not fit.
     """
     info = open_run(run_or_repo, revision=revision, token=token)
     index = _checked_task(info, after_task)
@@ -817,12 +818,15 @@ def _check_base_name(recorded: str | None, given: str | None, source: str) -> No
 
 
 def _check_base_fits(info: RunInfo, adapter: Path, base: nn.Module) -> None:
-    """Refuse a base model of another class, or whose weights the saved principal bases are not singular vectors of.
+    """Refuse a base model of another class, or whose weights the saved principal subspaces do not come from.
 
-    Shapes alone miss a different model of the same architecture and size. A layer's principal basis `P` holds right
-    singular vectors of the ORIGINAL weight `W`, so `(W P)^T (W P)` is diagonal (the squared singular values) for
-    that weight and not for another one. Two layers are checked, at the cost of two products and no SVD; this holds
-    whatever epsilon_w each layer was given (recipes may give some layers their own).
+    Shapes alone miss a different model of the same architecture and size. `base` is the pre-trained model, before
+    the adapter merges its tasks: the weight `W` the principal subspaces were computed from. A layer saves either
+    its principal basis `P` (`d_in x p`), right singular vectors of `W`, so `(W P)^T (W P)` is diagonal for that
+    weight and not for another one (two products); or, when it keeps only the complement of its protected subspace
+    (`keep_principal_basis=False`, the default), the energies of those directions, `W`'s top `p` squared singular
+    values, compared with the given weight's (one float64 Gram eigendecomposition). Two layers are checked; this
+    holds whatever epsilon_w each layer was given (recipes may give some layers their own).
     """
     recorded = (info.adapter_config.get("auto_mapping") or {}).get("base_model_class")
     if recorded and recorded != type(base).__name__:
@@ -839,18 +843,51 @@ def _check_base_fits(info: RunInfo, adapter: Path, base: nn.Module) -> None:
                 weight = base.get_submodule(name).weight.detach()
             except AttributeError:
                 continue  # PEFT reports layers the base lacks
-            basis = f.get_tensor(key)
-            if basis.ndim != 2 or basis.shape[1] < 2 or basis.shape[0] != weight.shape[1]:
-                continue  # one direction is always "diagonal"; shapes are checked when the state is loaded
-            projected = weight.float() @ basis.to(weight.device, torch.float32)
-            gram = projected.T @ projected
-            off_diagonal = float((gram - torch.diag(torch.diag(gram))).norm() / gram.norm().clamp_min(1e-30))
-            if off_diagonal > 0.02:
-                raise ValueError(
-                    f"the base model given is not the one {info.source} was learned on: the principal basis saved for "
-                    f"{name} is not made of singular vectors of that layer's weight (off-diagonal part "
-                    f"{off_diagonal:.2g} of (W P)^T W P, about 1e-7 for the original model)"
-                )
+            saved = f.get_tensor(key)
+            misfit = (_energies_misfit if saved.ndim == 1 else _basis_misfit)(name, saved, weight)
+            if misfit:
+                raise ValueError(f"the base model given is not the one {info.source} was learned on: {misfit}")
+
+
+#: largest gap between saved principal energies and the given weight's squared singular values, as a share of the
+#: largest: the original gives ~1e-6 (the float32 Gram solver) to ~1e-5 (a float32 weight rounded to bfloat16);
+#: two random 4096 x 4096 weights differ by ~6e-3 (what concentrates most), pre-trained models far more
+_ENERGY_TOLERANCE = 1e-3
+
+
+def _energies_misfit(name: str, energies: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why saved principal energies are not the top squared singular values of `weight`, or None if they are."""
+    p = energies.numel()
+    if p == 0:
+        return None
+    device = weight.device if weight.device.type == "cuda" else "cpu"  # float64 everywhere else too
+    values = squared_singular_values(weight.to(device)).cpu()
+    if p > values.numel():
+        return f"{name} saves {p} principal energies, but that layer's weight has {values.numel()} singular values"
+    expected = values[:p]
+    scale = torch.maximum(expected[0], energies.max().to(expected)).clamp_min(1e-300)
+    gap = float((energies.to(expected) - expected).abs().max() / scale)
+    if gap > _ENERGY_TOLERANCE:
+        return (
+            f"the principal energies saved for {name} are not that layer's top {p} squared singular values (they "
+            f"differ by {gap:.2g} of the largest; at most {_ENERGY_TOLERANCE:g} for the original model, with rounding)"
+        )
+    return None
+
+
+def _basis_misfit(name: str, basis: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why a saved principal basis is not made of right singular vectors of `weight`, or None if it is."""
+    if basis.ndim != 2 or basis.shape[1] < 2 or basis.shape[0] != weight.shape[1]:
+        return None  # one direction is always "diagonal"; shapes are checked when the state is loaded
+    projected = weight.float() @ basis.to(weight.device, torch.float32)
+    gram = projected.T @ projected
+    off_diagonal = float((gram - torch.diag(torch.diag(gram))).norm() / gram.norm().clamp_min(1e-30))
+    if off_diagonal > 0.02:
+        return (
+            f"the principal basis saved for {name} is not made of singular vectors of that layer's weight (off-diagonal "
+            f"part {off_diagonal:.2g} of (W P)^T W P, about 1e-7 for the original model)"
+        )
+    return None
 
 
 def _load_base(name_or_path: str) -> nn.Module:

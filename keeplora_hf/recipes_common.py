@@ -508,12 +508,13 @@ def seed_principal_energy(model: PeftModel, pattern: dict[str, float]) -> list[s
     for name, module in keeplora_layers(model, adapter).items():
         energy = next((e for regex, e in pattern.items() if re.search(regex, name)), None)
         state = layer_state(module, adapter)
-        if energy is None or state.principal is not None:
+        if energy is None or state.initialised:  # (never `state.principal`: a complement-only state recomputes it)
             continue
         weight = module.get_base_layer().weight
-        principal = principal_basis(weight, energy, **solver)
+        principal, energies = principal_basis(weight, energy, return_energies=True, **solver)
         state.principal = principal.to(dtype)
         state.memory = principal.new_zeros(weight.shape[1], 0).to(dtype)
+        state.principal_energies = energies  # what the state keeps of the basis once it stores only the complement
         seeded.append(name)
     if not seeded and tuner.progress(adapter).task_index == 0:
         raise ValueError(f"keeplora.principal_energy_pattern {pattern} matches no KeepLoRA target")

@@ -2,7 +2,7 @@
 
 from .basis import Subspace, orthogonal_complement, orthonormalize
 from .memory import MEMORY_SOLVERS, FeatureStatistics, extend_memory, memory_directions
-from .principal import PRINCIPAL_SOLVERS, energy_rank, principal_basis
+from .principal import PRINCIPAL_SOLVERS, energy_rank, principal_basis, ritz_energies, squared_singular_values
 from .residual import complete_rows, project_out, residual_directions, rows_in_residual
 from .sketch import GradientSketch, sketch_rows
 
@@ -21,6 +21,8 @@ __all__ = [
     "principal_basis",
     "project_out",
     "residual_directions",
+    "ritz_energies",
     "rows_in_residual",
     "sketch_rows",
+    "squared_singular_values",
 ]

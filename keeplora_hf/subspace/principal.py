@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .basis import orthonormalize
+
 COMPUTE_DTYPE = torch.float64
 PRINCIPAL_SOLVERS = ("gram", "svd")
 #: below this many rows in the Gram matrix, "gram" works in float64 (it costs nothing there)
@@ -80,3 +82,26 @@ def _principal_from_gram(weight: torch.Tensor, energy: float, rank: int | None) 
     else:  # v_i = W^T u_i / sigma_i; the columns of W^T U_p are orthogonal, QR only normalises them
         basis, _ = torch.linalg.qr(w.T @ vectors[:, :p])
     return basis.to(COMPUTE_DTYPE).contiguous(), values[:p].to(COMPUTE_DTYPE).cpu()
+
+
+def squared_singular_values(weight: torch.Tensor) -> torch.Tensor:
+    """Every squared singular value of `weight` (float64, descending): the eigenvalues of its smaller Gram matrix.
+
+    In float64 the Gram's rounding is about 1e-16 of the largest value, far below anything that tells two weights
+    apart, and it is several times faster than `torch.linalg.svdvals` (2-8x on 2048-row matrices, one thread).
+    """
+    w = weight.detach().to(COMPUTE_DTYPE)
+    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+
+
+def ritz_energies(weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """The energies of `weight` (`d_out x d_in`) inside the span of `basis` (`d_in x p`): float64, descending, on CPU.
+
+    When `basis` spans the weight's top `p` right singular vectors these are its top `p` squared singular values,
+    what `principal_basis(..., return_energies=True)` gives, to second order in the basis's rounding (a basis stored
+    in bfloat16 gives them to ~1e-6, where the column norms `|W v|^2` would be off by ~1e-3).
+    """
+    q = orthonormalize(basis.to(weight.device, COMPUTE_DTYPE))
+    projected = weight.detach().to(COMPUTE_DTYPE) @ q
+    return torch.linalg.eigvalsh(projected.T @ projected).flip(0).clamp_min(0).cpu()

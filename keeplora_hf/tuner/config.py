@@ -124,13 +124,14 @@ class KeepLoRAConfig(LoraConfig):
     )
 
     keep_principal_basis: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "Each layer's state stores the narrower of its memory and its residual basis (the complement of "
-            "the protected subspace). True keeps the principal basis as well (p * d_in more values once the complement "
-            "is stored); saved-adapter checks such as the hub's base-model verification read it. False keeps only "
-            "min(k, d_in - k) * d_in values per layer: the principal basis is then recomputed from the original weight "
-            "(base weight minus merged tasks) when inspected, which the training path never does."
+            "the protected subspace). False (the default) then keeps only min(k, d_in - k) * d_in values per layer, "
+            "plus the p energies (squared singular values) of the principal directions: the principal basis is "
+            "recomputed from the original weight (base weight minus merged tasks) when inspected, which the training "
+            "path never does, and the hub's base-model check compares the energies with the base weight's spectrum. "
+            "True also keeps the principal basis (p * d_in more values once the complement is stored)."
         },
     )
 

@@ -11,7 +11,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..subspace.basis import WORK_DTYPE, Subspace, orthogonal_complement, orthonormalize
-from ..subspace.principal import principal_basis
+from ..subspace.principal import principal_basis, ritz_energies
 
 STATE_ATTR = "keeplora_state"
 
@@ -37,11 +37,12 @@ class KeepLoRALayerState:
     `state_dtype`; the other is derived from it when asked for (nothing in the training path asks). Three layouts:
 
     - bases: `principal` and `memory` (`(p + m) * d_in` values);
-    - principal + complement: `principal` and `complement`, an orthonormal basis of the residual subspace, once the
-      memory is wider than the residual (`(p + d_in - k) * d_in` values, `k = p + m`);
-    - complement alone (`keep_principal_basis=False`): once `k > d_in - k`, only `complement` and the `p` energies of
-      the principal directions (`(d_in - k) * d_in + p` values). The principal basis is a pure function of the
-      original weight (the base weight minus the merged `tasks`), so `principal` recomputes it when asked for.
+    - principal + complement (`keep_principal_basis=True`): `principal` and `complement`, an orthonormal basis of
+      the residual subspace, once the memory is wider than the residual (`(p + d_in - k) * d_in` values, `k = p + m`);
+    - complement alone (the default, `keep_principal_basis=False`): once `k > d_in - k`, only `complement` and the
+      `p` energies of the principal directions, the original weight's top `p` squared singular values
+      (`(d_in - k) * d_in + p` values). The principal basis is a pure function of the original weight (the base
+      weight minus the merged `tasks`), so `principal` recomputes it when asked for.
 
     `tasks` is the history that rebuilds base + merged tasks exactly.
     """
@@ -207,7 +208,8 @@ class KeepLoRALayerState:
         """Append orthonormal directions (`d_in x n`, orthogonal to what is protected) to the memory, in `dtype`.
 
         Switches to storing the complement once that is the narrower basis: of the memory (`keep_principal`), or of
-        the whole protected subspace (the principal basis is then dropped and recomputed when asked for).
+        the whole protected subspace (the principal basis is then dropped, also by a state that kept it so far, and
+        recomputed when asked for).
         """
         if not self.initialised:
             raise RuntimeError("the principal basis has not been computed yet: call begin_task first")
@@ -219,8 +221,10 @@ class KeepLoRALayerState:
                 self.complement = (residual @ orthogonal_complement(orthonormalize(inside))).to(dtype)
             else:
                 self.complement = self.complement.to(dtype)
-            if self._principal is not None:
+            if self._principal is not None and keep_principal:
                 self._principal = self._principal.to(dtype)
+            elif self._principal is not None:  # kept so far, e.g. an adapter saved before this default: drop it now
+                self._drop_principal()
             return
         memory = self._memory if self._memory is not None else new.new_zeros(self.d_in, 0)
         memory = torch.cat([memory.to(new.dtype), new], dim=1)
@@ -232,14 +236,17 @@ class KeepLoRALayerState:
             if keep_principal:
                 self._principal = self._principal.to(dtype)
             else:
-                if self.principal_energies is None:  # e.g. a state saved before energies were kept: measure them
-                    weight = self._original_weight().to(torch.float64)
-                    self.principal_energies = (weight @ self._principal.to(weight)).square().sum(0).cpu()
-                self._principal = None
+                self._drop_principal()
             self._memory = None
         else:
             self._principal = self._principal.to(dtype)
             self._memory = memory.to(dtype)
+
+    def _drop_principal(self) -> None:
+        """Keep only the principal energies from here on; the basis is recomputed when asked for."""
+        if self.principal_energies is None:  # a state saved before energies were kept, or with its basis: measure them
+            self.principal_energies = ritz_energies(self._original_weight(), self._principal)
+        self._principal = None
 
     def to_(self, device: torch.device | str) -> None:
         """Move the bases to `device` (in place)."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 from keeplora_hf.continual import ContinualRunner, ContinualTask
+from keeplora_hf.tuner.layer import KeepLoRALayerState
 
 from toy_sequence import toy_model, toy_tasks
 
@@ -30,7 +32,12 @@ def training_args(tmp_path, **overrides) -> TrainingArguments:
     return TrainingArguments(**settings)
 
 
-def test_runner_writes_matrix_metrics_plots_and_checkpoints(tmp_path):
+def test_runner_writes_matrix_metrics_plots_and_checkpoints(tmp_path, monkeypatch):
+    def refuse(self):
+        raise AssertionError("the training path recomputed a principal basis (an SVD per layer)")
+
+    # the default config keeps only the complement of a wide protected subspace: nothing in a run may recompute it
+    monkeypatch.setattr(KeepLoRALayerState, "_recomputed_principal", refuse)
     model, tiny = toy_model()
     tasks, general = toy_tasks(tiny)
     out = tmp_path / "run"
@@ -46,6 +53,8 @@ def test_runner_writes_matrix_metrics_plots_and_checkpoints(tmp_path):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["methods"]["keeplora++"]["accuracy_matrix"] == matrix
     assert (out / "tasks" / "001_rule0" / "adapter" / "adapter_model.safetensors").exists()
+    last = load_file(out / "tasks" / "002_rule1" / "adapter" / "adapter_model.safetensors")
+    assert any(v.ndim == 1 for k, v in last.items() if k.endswith("keeplora_state.principal"))  # energies only
     assert (out / "tasks" / "002_rule1" / "row.json").exists()
     assert list(out.glob("*.png")) and (out / "report.md").exists()
     assert list((out / "trainer" / "001_rule0").rglob("events.out.tfevents.*"))

@@ -33,11 +33,11 @@ def samples(tiny, rule: int, count: int, seed: int) -> list[dict[str, torch.Tens
     return out
 
 
-def toy_model():
+def toy_model(**overrides):
     tiny = build_tiny("llava")
-    config = KeepLoRAConfig(
-        r=4, lora_alpha=8, target_modules=tiny.language_targets, gradient_data_ratio=0.5, principal_energy=0.3, feature_energy=0.9
-    )
+    settings = dict(r=4, lora_alpha=8, target_modules=tiny.language_targets, gradient_data_ratio=0.5, principal_energy=0.3,
+                    feature_energy=0.9)
+    config = KeepLoRAConfig(**{**settings, **overrides})
     return get_peft_model(tiny.model, config), tiny
 
 

@@ -42,8 +42,8 @@ def training_args(tmp_path: Path) -> TrainingArguments:
     )
 
 
-def run_toy(out: Path, count: int, *, tasks=None) -> dict:
-    model, tiny = toy_model()
+def run_toy(out: Path, count: int, *, tasks=None, **config) -> dict:
+    model, tiny = toy_model(**config)
     all_tasks, general = toy_tasks(tiny, count)
     return ContinualRunner(model, tasks or all_tasks, training_args(out.parent), out, general_sets=general).run()
 
@@ -62,6 +62,15 @@ def toy_run(tmp_path_factory) -> Path:
     """A finished two-task run directory; tests must not change it (copy it first)."""
     out = tmp_path_factory.mktemp("hub") / "run"
     run_toy(out, 2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_run_with_bases(tmp_path_factory) -> Path:
+    """The same run keeping every layer's principal basis (`keep_principal_basis=True`; the default saves only the
+    principal energies of the layers that store the complement of their protected subspace)."""
+    out = tmp_path_factory.mktemp("hub_bases") / "run"
+    run_toy(out, 2, keep_principal_basis=True)
     return out
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
 import torch
 from huggingface_hub import ModelCard
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from keeplora_hf.hub import HubOfflineError, load_run, push_run, render_card
 from keeplora_hf.models import build_tiny
@@ -217,8 +219,8 @@ def test_incomplete_or_inconsistent_run_is_refused(toy_run, tmp_path, breakage, 
 def test_run_from_another_base_model_is_refused(toy_run, tmp_path):
     with pytest.raises(ValueError, match="learned on a LlavaForConditionalGeneration, but .* Qwen2VLForConditional"):
         load_run(toy_run, build_tiny("qwen2_vl").model)  # same layer names and shapes, another model
-    with pytest.raises(ValueError, match="not the one .* was learned on: the principal basis saved for"):
-        load_run(toy_run, build_tiny("llava", seed=1).model)  # same class and shapes, other weights
+    with pytest.raises(ValueError, match="not the one .* was learned on: the principal (energies|basis) saved for"):
+        load_run(toy_run, build_tiny("llava", seed=1).model)  # same class and shapes, other weights (see below)
     with pytest.raises(ValueError, match="already carries adapters"):
         load_run(toy_run, load_run(toy_run, fresh_base()))
     run = _broken_copy(toy_run, tmp_path, lambda run: _set_base_name(run, "org/model-a"))
@@ -228,6 +230,49 @@ def test_run_from_another_base_model_is_refused(toy_run, tmp_path):
         push_run(run, "me/toy", base_model=other, api=FakeHfApi())
     with pytest.raises(ValueError, match="records no base model"):
         push_run(toy_run, "me/toy", api=FakeHfApi())  # nothing to rebuild the plain-LoRA export from
+
+
+def _saved_principal(run, after_task: int) -> dict[str, torch.Tensor]:
+    adapter = next(run.glob(f"tasks/{after_task:03d}_*/adapter/adapter_model.safetensors"))
+    return {k: v for k, v in load_file(adapter).items() if k.endswith("keeplora_state.principal")}
+
+
+@pytest.mark.parametrize(
+    ("run", "after_task", "layouts", "misfit"),
+    [
+        # the default keeps only the energies of layers that store their complement: both checked layers after 2 tasks
+        ("toy_run", 2, {1}, "the principal energies saved for model.language_model.layers.0.mlp.down_proj are not "
+                            "that layer's top 5 squared singular values"),
+        ("toy_run", 1, {1, 2}, "the principal basis saved for model.language_model.layers.0.mlp.down_proj"),
+        ("toy_run_with_bases", 2, {2}, "the principal basis saved for model.language_model.layers.0.mlp.down_proj is "
+                                       "not made of singular vectors"),
+    ],
+    ids=["energies", "mixed", "bases"],
+)
+def test_a_base_of_the_same_shapes_is_checked_in_both_state_layouts(request, run, after_task, layouts, misfit):
+    """`principal` is a layer's (d_in, p) basis, or its (p,) energies once only the complement is stored: the original
+    base passes either check and another model of the same class and shapes fails it, naming the layer."""
+    run = request.getfixturevalue(run)
+    saved = _saved_principal(run, after_task)
+    checked = sorted(saved)[:: len(saved) - 1]  # the first and last layers
+    assert {saved[k].ndim for k in checked} == layouts
+    assert load_run(run, fresh_base(), after_task=after_task).base_model.progress("default").task_index == after_task
+    with pytest.raises(ValueError, match=re.escape(misfit)):
+        load_run(run, build_tiny("llava", seed=1).model, after_task=after_task)
+
+
+def test_principal_energies_accept_a_rounded_base_and_refuse_another():
+    """The energies check at a realistic width: the same weight rounded to bfloat16 moves them ~1e-5 of the largest,
+    within the tolerance; another weight of the same shape and statistics moves them ~1e-2, outside it."""
+    from keeplora_hf.hub import _energies_misfit
+    from keeplora_hf.subspace import principal_basis
+
+    weights = [torch.randn(512, 1024, generator=torch.Generator().manual_seed(seed)) * 0.02 for seed in (0, 1)]
+    _, energies = principal_basis(weights[0], 0.6, return_energies=True)  # the default "gram" solver, in float32
+    assert _energies_misfit("layer", energies, weights[0]) is None
+    assert _energies_misfit("layer", energies, weights[0].bfloat16()) is None
+    assert "principal energies saved for layer are not" in _energies_misfit("layer", energies, weights[1])
+    assert "saves 1025 principal energies" in _energies_misfit("layer", torch.ones(1025), weights[0])
 
 
 def test_live_model_at_another_task_is_refused(toy_run):

@@ -23,7 +23,7 @@ from keeplora_hf.recipes_common import (
     refuse_sharded_parameters,
     seed_principal_energy,
 )
-from keeplora_hf.subspace import principal_basis
+from keeplora_hf.subspace import principal_basis, squared_singular_values
 from recipe_helpers import RECIPES, recipe_main
 
 CPU = ["--bf16", "false", "--use_cpu", "true"]  # the 7B configs ask for bf16, which this CPU-only machine refuses
@@ -194,6 +194,9 @@ def test_principal_energy_pattern_seeds_the_text_tower():
         if "text_model" in name:
             assert state.principal.shape[1] == principal_basis(weights[name], 0.2).shape[1] < principal_basis(
                 weights[name], 0.85).shape[1]
+            # and their energies, which a state keeping only the complement of its protected subspace saves instead
+            expected = squared_singular_values(weights[name])[: state.principal_rank]
+            assert torch.allclose(state.principal_energies, expected, rtol=1e-6), name
         else:
             assert state.principal is None  # begin_task computes it with principal_energy
     with pytest.raises(ValueError, match="matches no KeepLoRA target"):

@@ -10,6 +10,7 @@ def test_defaults_and_peft_type():
     assert config.peft_type == KEEPLORA_PEFT_TYPE == "KEEPLORA"
     assert (config.principal_energy, config.feature_energy, config.layer_scale_gamma) == (0.6, 0.99, 0.2)
     assert (config.gradient_data_ratio, config.train_lora_A, config.feature_source) == (0.2, False, "activations")
+    assert config.keep_principal_basis is False  # the state stays within min(k, d_in - k) * d_in values per layer
 
 
 @pytest.mark.parametrize(

@@ -26,8 +26,8 @@ def _learn(model, batches, steps: int = 3) -> None:
         optimizer.zero_grad()
 
 
-def _two_tasks(name: str):
-    model, batches, tiny = wrap(name)
+def _two_tasks(name: str, **overrides):
+    model, batches, tiny = wrap(name, **overrides)
     for task in (batches[:2], batches[1:]):
         begin_task(model, task)
         _learn(model, task)
@@ -35,13 +35,15 @@ def _two_tasks(name: str):
     return model, batches, tiny
 
 
-@pytest.mark.parametrize("name", ["llava", "clip"])
-def test_save_load_round_trip_gives_identical_logits_and_state(tmp_path, name):
-    model, batches, tiny = _two_tasks(name)
+@pytest.mark.parametrize(("name", "keep_principal_basis"), [("llava", False), ("clip", False), ("llava", True)])
+def test_save_load_round_trip_gives_identical_logits_and_state(tmp_path, name, keep_principal_basis):
+    model, batches, tiny = _two_tasks(name, keep_principal_basis=keep_principal_basis)
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert int(saved["keeplora_state.task_index"].item()) == 2
-    assert any(k.endswith("keeplora_state.principal") for k in saved)
+    principal = {k: v for k, v in saved.items() if k.endswith("keeplora_state.principal")}
+    # the (d_in, p) basis, or, by default, the (p,) energies of a layer that stores only its complement
+    assert principal and {v.ndim for v in principal.values()} == ({2} if keep_principal_basis else {1, 2})
     assert any(k.endswith("keeplora_state.task1.lora_A") for k in saved)
 
     reloaded = PeftModel.from_pretrained(build_tiny(name).model, tmp_path)
@@ -50,6 +52,7 @@ def test_save_load_round_trip_gives_identical_logits_and_state(tmp_path, name):
     for (name_a, a), (name_b, b) in zip(targets(model).items(), targets(reloaded).items()):
         assert name_a == name_b
         sa, sb = a.keeplora_state["default"], b.keeplora_state["default"]
+        assert repr(sa) == repr(sb)  # the same layout, ranks and task count
         assert torch.equal(sa.principal, sb.principal) and torch.equal(sa.memory, sb.memory)
         assert torch.equal(a.get_base_layer().weight, b.get_base_layer().weight)
 

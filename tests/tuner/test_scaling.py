@@ -6,6 +6,8 @@ what the exact computations give (or a bounded approximation of it), and keep ev
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -13,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from keeplora_hf import KeepLoRAConfig, begin_task, end_task, protected_basis
 from keeplora_hf.models import build_tiny
 from keeplora_hf.statistics import default_loss, input_feature_pass, output_gradient_pass, weight_gradient_pass
-from keeplora_hf.subspace import principal_basis
+from keeplora_hf.subspace import principal_basis, squared_singular_values
+from keeplora_hf.tuner.layer import KeepLoRALayerState
 from peft import PeftModel
 
 from keeplora_setups import outputs, targets, wrap
@@ -94,8 +97,11 @@ def test_feature_pass_stops_after_the_last_target_and_gathers_the_same_statistic
     assert all(torch.equal(runs[True][0][n], runs[False][0][n]) for n in runs[False][0])
 
 
-def test_state_keeps_the_narrower_basis_and_stays_exact():
-    model, batches, _ = wrap("llava", principal_energy=0.3)
+@pytest.mark.parametrize("keep_principal_basis", [False, True])
+def test_state_keeps_the_narrower_basis_and_stays_exact(keep_principal_basis):
+    """The default stores the narrower of the protected subspace and its complement (+ the p principal energies);
+    keep_principal_basis=True the principal basis and the narrower of the memory and the complement."""
+    model, batches, _ = wrap("llava", principal_energy=0.3, keep_principal_basis=keep_principal_basis)
     for task in range(2):
         begin_task(model, batches)
         end_task(model, batches)
@@ -103,13 +109,20 @@ def test_state_keeps_the_narrower_basis_and_stays_exact():
     for name, module in targets(model).items():
         state = module.keeplora_state["default"]
         d, p, m = state.d_in, state.principal_rank, state.memory_rank
-        assert state.stored_values() == d * (p + min(m, d - p - m)), name
-        assert (state.complement is not None) == (m > d - p - m)
+        if keep_principal_basis:
+            assert state.stored_values() == d * (p + min(m, d - p - m)), name
+            assert (state.complement is not None) == (m > d - p - m)
+        else:
+            complemented = p + m > d - p - m
+            assert state.stored_values() == d * min(p + m, d - p - m) + (p if complemented else 0), name
+            assert (state.complement is not None) == complemented
+            assert (state.stored_principal is None) == complemented
         used_complement |= state.complement is not None
         protected = protected_basis(model, name).double()
         assert protected.shape == (d, p + m)
         assert torch.allclose(protected.T @ protected, torch.eye(p + m, dtype=torch.float64), atol=1e-5)
-        assert torch.allclose(state.principal.double(), protected[:, :p])
+        if state.stored_principal is not None:  # else protected_basis is the complement's complement, in no order
+            assert torch.allclose(state.principal.double(), protected[:, :p])
         rows = torch.randn(3, d, dtype=torch.float64)
         expected = rows - rows @ protected @ protected.T
         assert torch.allclose(state.subspace().project_out(rows), expected, atol=1e-5)
@@ -123,8 +136,8 @@ def test_bfloat16_state_halves_storage_and_keeps_A_in_the_stored_subspace(tmp_pa
     begin_task(model, batches)
     for name, module in targets(model).items():
         state = module.keeplora_state["default"]
-        assert state.principal.dtype == torch.bfloat16
-        assert all(t.dtype == torch.bfloat16 for t in (state.memory, state.complement) if t is not None)
+        stored = (state.stored_principal, state.memory, state.complement)
+        assert all(t.dtype == torch.bfloat16 for t in stored if t is not None)
         lora_A = module.lora_A["default"].weight
         # exact for the subspace that is stored: A is orthogonal to its (re-orthonormalised) basis ...
         assert (state.subspace().project_onto(lora_A.float())).abs().max() < 1e-5, name
@@ -133,14 +146,15 @@ def test_bfloat16_state_halves_storage_and_keeps_A_in_the_stored_subspace(tmp_pa
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
     bases = [k for k in saved if k.endswith(("keeplora_state.principal", "keeplora_state.memory", "keeplora_state.complement"))]
-    assert bases and all(saved[k].dtype == torch.bfloat16 for k in bases)
+    assert bases and all(saved[k].dtype == torch.bfloat16 for k in bases if saved[k].ndim == 2)
+    assert all(saved[k].dtype == torch.float64 for k in bases if saved[k].ndim == 1)  # the p principal energies
     reloaded = PeftModel.from_pretrained(build_tiny("llava").model, tmp_path, is_trainable=True)
     assert torch.equal(outputs(reloaded, batches[0]), outputs(model, batches[0]))
 
 
 def test_adapters_saved_with_the_full_memory_basis_still_load(tmp_path):
     """The layout before narrower-basis storage (principal + memory, whatever their width) loads and continues."""
-    model, batches, _ = wrap("llava")
+    model, batches, _ = wrap("llava", keep_principal_basis=True)
     begin_task(model, batches)
     end_task(model, batches)
     model.save_pretrained(tmp_path)
@@ -171,6 +185,33 @@ def test_adapters_saved_with_the_full_memory_basis_still_load(tmp_path):
     save_file(tensors, path)
     with pytest.raises(ValueError, match="both a memory and a complement"):
         PeftModel.from_pretrained(build_tiny("llava").model, tmp_path)
+
+
+def test_a_kept_principal_basis_is_dropped_for_its_energies_once_the_default_applies(tmp_path):
+    """An adapter that kept its principal bases (keep_principal_basis=True, or saved before the field existed, when
+    that was the default), continued with the default: each layer that stores its complement drops its basis for the
+    energies it measures, the original weight's top squared singular values, even from a bfloat16 basis."""
+    model, batches, _ = wrap("llava", keep_principal_basis=True, state_dtype="bfloat16")
+    originals = {n: m.get_base_layer().weight.detach().clone() for n, m in targets(model).items()}
+    begin_task(model, batches)
+    end_task(model, batches)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["keep_principal_basis"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    reloaded = PeftModel.from_pretrained(build_tiny("llava").model, tmp_path, is_trainable=True)
+    states = {n: m.keeplora_state["default"] for n, m in targets(reloaded).items()}
+    kept = {n for n, s in states.items() if s.complement is not None and s.stored_principal is not None}
+    assert kept and all(s.principal_energies is None for s in states.values())
+    begin_task(reloaded, batches)
+    end_task(reloaded, batches)
+    for name, state in states.items():
+        if state.complement is None:
+            continue
+        assert state.stored_principal is None, name
+        expected = squared_singular_values(originals[name])[: state.principal_rank]
+        assert (state.principal_energies - expected).abs().max() < 1e-5 * expected[0], name
+    assert kept <= {n for n, s in states.items() if s.complement is not None}
 
 
 @pytest.mark.parametrize(
@@ -238,6 +279,37 @@ def test_dropping_the_principal_basis_stores_min_k_and_recomputes_it_exactly(tmp
         begin_task(m, batches)
         end_task(m, batches)
     assert torch.equal(outputs(reloaded, batches[2]), outputs(model, batches[2]))
+
+
+@pytest.mark.parametrize("train_lora_A", [False, True])
+def test_training_with_the_default_config_never_recomputes_the_principal_basis(tmp_path, monkeypatch, train_lora_A):
+    """By default a layer keeps only its complement once k > d_in - k; recomputing its principal basis costs an SVD
+    of the layer, so begin_task, training (with A re-projected every step), end_task, saving, reloading and the
+    next task must never ask for it."""
+
+    def refuse(self):
+        raise AssertionError("the training path recomputed a principal basis")
+
+    monkeypatch.setattr(KeepLoRALayerState, "_recomputed_principal", refuse)
+    model, batches, _ = wrap("llava", train_lora_A=train_lora_A)
+    assert model.peft_config["default"].keep_principal_basis is False
+    layouts = []
+    for task in (batches[:2], batches[1:]):
+        begin_task(model, task)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+        for batch in task:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        end_task(model, task)
+        states = [m.keeplora_state["default"] for m in targets(model).values()]
+        layouts.append(sum(s.complement is not None and s.stored_principal is None for s in states))
+    assert layouts[0] and layouts[1] >= layouts[0]  # the second task ran on complement-only states
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(build_tiny("llava").model, tmp_path, is_trainable=True)
+    begin_task(reloaded, batches)
+    end_task(reloaded, batches)
+    assert reloaded.base_model.progress("default").task_index == 3
 
 
 def test_a_wrong_base_model_is_caught_when_the_principal_basis_is_recomputed(tmp_path):
