@@ -296,23 +296,30 @@ def _nanstat(fn, values: list[float | None]) -> float:
     return float(fn(array)) if np.any(~np.isnan(array)) else float("nan")
 
 
+# The README's columns: metric key -> header
+SUMMARY_COLUMNS = {
+    "mft": "MFT (plasticity)", "last": "Last", "avg": "Avg", "maa": "MAA", "bwt": "BWT", "forgetting": "forgetting",
+    "transfer": "transfer", "general_retention": "general retention",
+}
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
-    """The README's tables: one per sequence, metrics in %, mean ± std over seeds."""
-    keys = ("mft", "mfn", "maa", "bwt", "forgetting", "transfer", "avg", "last", "general_retention")
+    """The README's tables: one per sequence, metrics in %, mean ± std over the seeds that define them."""
     lines = []
     for name, sequence in summary["sequences"].items():
         lines += [
             f"### {name} sequence — seeds {', '.join(map(str, sequence['seeds']))} (mean ± std, %)",
             "",
-            "| method | " + " | ".join(keys) + " |",
-            "| --- | " + " | ".join("---:" for _ in keys) + " |",
+            "| method | seeds | " + " | ".join(SUMMARY_COLUMNS.values()) + " |",
+            "| --- | ---: | " + " | ".join("---:" for _ in SUMMARY_COLUMNS) + " |",
         ]
         for method, metrics in sequence["methods"].items():
             cells = []
-            for key in keys:
+            for key in SUMMARY_COLUMNS:
                 m = metrics[key]
                 cells.append("–" if np.isnan(m["mean"]) else f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f}")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            seeds = max(metrics[key]["n"] for key in SUMMARY_COLUMNS)
+            lines.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
