@@ -49,6 +49,7 @@ class DemoSettings:
     video: bool = False
     video_train_size: int = 200
     video_eval_size: int = 60
+    video_epochs: float = 10.0  # 200 clips a task: after 3 passes every video task is still at chance
     seeds: tuple[int, ...] = (0,)
     train_size: int = 480
     eval_size: int = 120
@@ -72,6 +73,7 @@ class Sequence:
     general: list[GeneralSet]
     collator: VLMChatCollator
     load_base: Callable[[], nn.Module]
+    epochs: float
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
@@ -111,7 +113,7 @@ def _image_sequence(data: dict[str, Any], settings: DemoSettings) -> Sequence:
     metric = answer_exact_match(collator, batch_size=64)
     tasks = [ContinualTask(name, split["train"], split["eval"], metric) for name, split in data["tasks"].items()]
     general = [GeneralSet("general", data["general"], metric)]
-    return Sequence("image", tasks, general, collator, lambda: load_demo_model(settings.model_path)[0])
+    return Sequence("image", tasks, general, collator, lambda: load_demo_model(settings.model_path)[0], settings.epochs)
 
 
 def _video_sequence(data: dict[str, Any], settings: DemoSettings) -> Sequence:
@@ -123,7 +125,7 @@ def _video_sequence(data: dict[str, Any], settings: DemoSettings) -> Sequence:
     tasks = [ContinualTask(name, split["train"], split["eval"], metric) for name, split in data["video_tasks"].items()]
     general = [GeneralSet("general", data["general"], metric)]
     return Sequence("video", tasks, general, collator,
-                    lambda: video_model_from_image_model(load_demo_model(settings.model_path)[0]))
+                    lambda: video_model_from_image_model(load_demo_model(settings.model_path)[0]), settings.video_epochs)
 
 
 def _run_method(method: Method, sequence: Sequence, settings: DemoSettings, seed: int, out: Path) -> dict[str, Any]:
@@ -136,7 +138,7 @@ def _run_method(method: Method, sequence: Sequence, settings: DemoSettings, seed
         return _zero_shot(method, base, tasks, general, out, config)
     torch.manual_seed(seed)
     model = get_peft_model(base, method.make_config(settings.rank, settings.alpha, DEMO_TARGETS, base))
-    args = _training_args(settings, seed, out / "trainer")
+    args = _training_args(settings, sequence.epochs, seed, out / "trainer")
     if method.kind == "joint":
         return _joint(method, model, tasks, general, sequence.collator, args, out, config)
     runner = ContinualRunner(
@@ -166,10 +168,10 @@ def _training_settings(settings: DemoSettings) -> dict[str, Any]:
     return {k: v for k, v in asdict(settings).items() if k not in ignored}
 
 
-def _training_args(settings: DemoSettings, seed: int, output_dir: Path) -> TrainingArguments:
+def _training_args(settings: DemoSettings, epochs: float, seed: int, output_dir: Path) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir),
-        num_train_epochs=settings.epochs,
+        num_train_epochs=epochs,
         per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
         lr_scheduler_type="cosine",

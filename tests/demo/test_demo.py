@@ -27,7 +27,7 @@ def test_short_demo_run_writes_results_and_resumes(tmp_path, quick_model, capsys
         methods=("zero-shot", "keeplora++", "osf", "joint-lora"),
         tasks=("count_red", "digits"),
         train_size=16, eval_size=8, general_size=10, epochs=1, batch_size=8,
-        model_path=str(quick_model), video=True, video_train_size=8, video_eval_size=4,
+        model_path=str(quick_model), video=True, video_train_size=8, video_eval_size=4, video_epochs=1,
     )
     summary = run_demo(settings)
     out = tmp_path / "demo"
