@@ -11,6 +11,7 @@ Only per-layer statistics are kept, never a copy of the model:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -72,6 +73,35 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+@contextlib.contextmanager
+def _frozen_for_statistics(model: nn.Module) -> Iterator[None]:
+    """Every parameter frozen and the model in eval mode for a statistics pass; both restored after it, whatever
+    happens, and any gradient the pass left on a parameter that did not require one is dropped."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            if not flag:
+                p.grad = None
+        model.train(was_training)
+
+
+def _backward_each(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, description: str) -> int:
+    """Backpropagate each batch's loss (the hooks the caller set collect what they need); returns the batch count."""
+    device = _model_device(model)
+    count = 0
+    for batch in tqdm(batches, desc=description, leave=False, disable=not _is_main_process()):
+        loss_fn(model, move_to(batch, device)).backward()
+        count += 1
+    return count
+
+
 def weight_gradient_pass(
     model: nn.Module,
     layers: dict[str, LoraLayer],
@@ -85,37 +115,22 @@ def weight_gradient_pass(
 
     Every other parameter is frozen for the pass and restored after it, whatever happens. Returns the batch count.
     """
-    flags = {p: p.requires_grad for p in model.parameters()}
     handles = []
-    device = _model_device(model)
-    was_training = model.training
-    count = 0
-    try:
-        for p in flags:
-            p.requires_grad_(False)
-        for name, module in layers.items():
-            weight = module.get_base_layer().weight
-            weight.requires_grad_(True)
+    with _frozen_for_statistics(model):
+        try:
+            for name, module in layers.items():
+                weight = module.get_base_layer().weight
+                weight.requires_grad_(True)
 
-            def hook(param: torch.Tensor, name: str = name) -> None:
-                on_gradient(name, param.grad)
-                param.grad = None
+                def hook(param: torch.Tensor, name: str = name) -> None:
+                    on_gradient(name, param.grad)
+                    param.grad = None
 
-            handles.append(weight.register_post_accumulate_grad_hook(hook))
-        model.eval()
-        for batch in tqdm(batches, desc=description, leave=False, disable=not _is_main_process()):
-            loss = loss_fn(model, move_to(batch, device))
-            loss.backward()
-            count += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            if not flag:
-                p.grad = None
-        model.train(was_training)
-    return count
+                handles.append(weight.register_post_accumulate_grad_hook(hook))
+            return _backward_each(model, batches, loss_fn, description)
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 class _OutputGradientTap(torch.autograd.Function):
@@ -154,13 +169,9 @@ def output_gradient_pass(
     are zero at the start of a task, so the function is the same). The backward computes input gradients only: no
     weight gradient is formed, so the pass costs about one LoRA training step per batch. Returns the batch count.
     """
-    flags = {p: p.requires_grad for p in model.parameters()}
     disabled = {m: m.__dict__.get("_disable_adapters", False) for m in layers.values()}
     handles = []
-    device = _model_device(model)
-    anchor = torch.zeros((), device=device, requires_grad=True)
-    was_training = model.training
-    count = 0
+    anchor = torch.zeros((), device=_model_device(model), requires_grad=True)
 
     def make_hook(name: str):
         def callback(inputs: torch.Tensor, grad: torch.Tensor) -> None:
@@ -174,28 +185,17 @@ def output_gradient_pass(
 
         return hook
 
-    try:
-        for p in flags:
-            p.requires_grad_(False)
-        for name, module in layers.items():
-            module._disable_adapters = True
-            handles.append(module.register_forward_hook(make_hook(name), with_kwargs=True))
-        model.eval()
-        for batch in tqdm(batches, desc=description, leave=False, disable=not _is_main_process()):
-            loss = loss_fn(model, move_to(batch, device))
-            loss.backward()
-            count += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, flag in disabled.items():
-            module._disable_adapters = flag
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            if not flag:
-                p.grad = None
-        model.train(was_training)
-    return count
+    with _frozen_for_statistics(model):
+        try:
+            for name, module in layers.items():
+                module._disable_adapters = True
+                handles.append(module.register_forward_hook(make_hook(name), with_kwargs=True))
+            return _backward_each(model, batches, loss_fn, description)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, flag in disabled.items():
+                module._disable_adapters = flag
 
 
 class _StopForward(BaseException):
