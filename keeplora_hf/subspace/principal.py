@@ -69,8 +69,7 @@ def _principal_from_gram(weight: torch.Tensor, energy: float, rank: int | None) 
     side = min(d_out, d_in)
     dtype = COMPUTE_DTYPE if side < GRAM_FLOAT64_BELOW else torch.float32
     w = weight.to(dtype)
-    right = d_in <= d_out
-    gram = w.T @ w if right else w @ w.T
+    gram, right = _smaller_gram(w)
     values, vectors = torch.linalg.eigh(gram)
     values, vectors = values.flip(0), vectors.flip(1)
     # eigenvalues at the rounding level of the Gram are zero singular values, not directions with energy
@@ -90,9 +89,14 @@ def squared_singular_values(weight: torch.Tensor) -> torch.Tensor:
     In float64 the Gram's rounding is about 1e-16 of the largest value, far below anything that tells two weights
     apart, and it is several times faster than `torch.linalg.svdvals` (2-8x on 2048-row matrices, one thread).
     """
-    w = weight.detach().to(COMPUTE_DTYPE)
-    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    gram, _ = _smaller_gram(weight.detach().to(COMPUTE_DTYPE))
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+
+
+def _smaller_gram(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """`W^T W` when `d_in <= d_out` (its eigenvectors are right singular vectors: True), else `W W^T` (False)."""
+    right = w.shape[1] <= w.shape[0]
+    return (w.T @ w if right else w @ w.T), right
 
 
 def ritz_energies(weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
