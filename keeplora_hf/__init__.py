@@ -6,7 +6,14 @@ Importing this package registers the KEEPLORA peft type, so `get_peft_model(mode
 
 from .continual import ContinualRunner, ContinualTask, GeneralSet
 from .export import export_lora
-from .lifecycle import attach_residual_projection, begin_task, end_task, project_lora_A_, protected_basis
+from .lifecycle import (
+    attach_residual_projection,
+    begin_task,
+    end_task,
+    learned_update,
+    project_lora_A_,
+    protected_basis,
+)
 from .trainer import KeepLoRATrainer
 from .tuner import KEEPLORA_PEFT_TYPE, KeepLoRAConfig, KeepLoRAModel
 
@@ -24,6 +31,7 @@ __all__ = [
     "begin_task",
     "end_task",
     "export_lora",
+    "learned_update",
     "project_lora_A_",
     "protected_basis",
 ]

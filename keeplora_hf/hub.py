@@ -911,14 +911,15 @@ def _first_tasks(model: nn.Module, count: int) -> Iterator[None]:
     tuner = tuner_of(model)
     adapter = tuner.keeplora_adapter()
     states = [layer_state(m, adapter) for m in keeplora_layers(tuner.model, adapter).values()]
-    saved = [state.tasks for state in states]
+    saved = [(state.tasks, state.merged_tasks) for state in states]
     try:
         for state in states:
             state.tasks = state.tasks[:count]
         yield
     finally:
-        for state, tasks in zip(states, saved):
+        for state, (tasks, merged) in zip(states, saved):
             state.tasks = tasks
+            state.merged_tasks = merged
 
 
 def _export_after(model: PeftModel, index: int, out: Path) -> Path:

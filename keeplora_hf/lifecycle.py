@@ -23,7 +23,15 @@ from .statistics import (
 )
 from .subspace import FeatureStatistics, GradientSketch, Subspace, memory_directions, principal_basis, residual_directions
 from .tuner.config import KeepLoRAConfig, state_torch_dtype
-from .tuner.layer import STATE_ATTR, FinishedTask, KeepLoRALayerState, apply_delta_, layer_state
+from .tuner.layer import (
+    FinishedTask,
+    KeepLoRALayerState,
+    base_weight,
+    layer_state,
+    merged_delta,
+    merges_exactly,
+    set_layer_state,
+)
 from .tuner.model import LAYER_CACHE_ATTR, KeepLoRAModel, TaskProgress, keeplora_layers, tuner_of
 
 logger = logging.getLogger(__name__)
@@ -45,6 +53,23 @@ def protected_basis(model: nn.Module, module_name: str) -> torch.Tensor:
     if module_name not in layers:
         raise KeyError(f"{module_name!r} is not a KeepLoRA target; targets are named like {next(iter(layers), '')!r}")
     return layer_state(layers[module_name], adapter).protected()
+
+
+def learned_update(model: nn.Module, module_name: str) -> torch.Tensor:
+    """The float32 update `sum_t s_t B_t A_t` (`d_out x d_in`) of the finished tasks of `module_name`.
+
+    It is what the layer adds to its pre-trained weight, whether the tasks were merged into it or act as a frozen
+    branch (see `finished_tasks`); zeros before the first task has ended.
+    """
+    _, adapter, _, layers = _context(model)
+    if module_name not in layers:
+        raise KeyError(f"{module_name!r} is not a KeepLoRA target; targets are named like {next(iter(layers), '')!r}")
+    module = layers[module_name]
+    tasks = layer_state(module, adapter).tasks
+    if not tasks:
+        base = module.get_base_layer()
+        return torch.zeros(base.out_features, base.in_features, device=base.weight.device)
+    return merged_delta(tasks)
 
 
 def begin_task(
@@ -71,12 +96,11 @@ def begin_task(
     for name, module in layers.items():
         state = layer_state(module, adapter)
         if not state.initialised:
-            weight = module.get_base_layer().weight
             principal, energies = principal_basis(
-                weight, config.principal_energy, solver=config.principal_solver, return_energies=True
+                base_weight(module), config.principal_energy, solver=config.principal_solver, return_energies=True
             )
             state = KeepLoRALayerState(
-                principal.to(dtype), principal.new_zeros(weight.shape[1], 0).to(dtype), principal_energies=energies
+                principal.to(dtype), principal.new_zeros(principal.shape[0], 0).to(dtype), principal_energies=energies
             )
             fresh.add(name)
         state.bind(module, config.principal_solver)
@@ -88,14 +112,13 @@ def begin_task(
     cramped: dict[str, int] = {}
     for name, module in layers.items():
         state = states[name]
-        weight = module.get_base_layer().weight
         rank = module.r[adapter]
-        room = weight.shape[1] - state.protected_rank
+        room = module.get_base_layer().in_features - state.protected_rank
         if room < rank:
             cramped[name] = room
         if name in fresh:
-            module.__dict__[STATE_ATTR][adapter] = state
-        rows = _initial_rows(config.lora_A_init, directions.pop(name, None), weight, state.subspace(), rank)
+            set_layer_state(module, adapter, state)
+        rows = _initial_rows(config.lora_A_init, directions.pop(name, None), module, state.subspace(), rank)
         lora_A = module.lora_A[adapter].weight
         with torch.no_grad():
             lora_A.copy_(rows.to(lora_A.dtype))
@@ -184,16 +207,17 @@ def _seed(task_index: int, layer_index: int) -> int:
 
 
 def _initial_rows(
-    init: str, directions: torch.Tensor | None, weight: torch.Tensor, protected: Subspace, rank: int
+    init: str, directions: torch.Tensor | None, module: LoraLayer, protected: Subspace, rank: int
 ) -> torch.Tensor:
     """The rows of `A` for a new task, always inside the residual subspace of `protected`."""
     if init == "residual_gradient":
         return directions
     if init == "minor_singular":
-        _, _, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+        _, _, vh = torch.linalg.svd(base_weight(module).double(), full_matrices=False)
         rows = vh[-rank:]
     else:  # "random": LoRA's own initialisation of A
-        rows = torch.empty(rank, weight.shape[1], dtype=torch.float64, device=weight.device)
+        weight = module.get_base_layer().weight
+        rows = torch.empty(rank, module.get_base_layer().in_features, dtype=torch.float64, device=weight.device)
         nn.init.kaiming_uniform_(rows, a=math.sqrt(5))
     return protected.project_out(rows)
 
@@ -201,7 +225,7 @@ def _initial_rows(
 def end_task(
     model: nn.Module, dataloader: Iterable[Any], *, max_batches: int | None = None, loss_fn: LossFn = default_loss
 ) -> None:
-    """Finish a task: merge `s * B @ A` into the base weights, grow the feature memory, reset LoRA.
+    """Finish a task: keep `s * B @ A` as a finished task (merged or as a frozen branch), grow the memory, reset LoRA.
 
     The feature statistics are gathered before anything is merged (with LoRA active, which computes the merged
     function), so a failing data pass leaves the model and its state untouched.
@@ -212,6 +236,7 @@ def end_task(
         raise RuntimeError("end_task called before begin_task: there is no task under way to finish")
     network = getattr(model, "module", model)
     dtype = state_torch_dtype(config)
+    merge = {name: _merges(config, module, name) for name, module in layers.items()}  # refused before any change
 
     new_directions: dict[str, torch.Tensor] = {}
     if config.feature_energy > 0:  # with no memory to keep (plain sequential LoRA), skip the data pass
@@ -227,7 +252,8 @@ def end_task(
 
     for name, module in layers.items():
         _finish_layer(
-            module, adapter, layer_state(module, adapter), new_directions.get(name), dtype, config.keep_principal_basis
+            module, adapter, layer_state(module, adapter), new_directions.get(name), dtype, config.keep_principal_basis,
+            merge=merge[name],
         )
     tuner.keeplora_progress[adapter] = TaskProgress(progress.task_index + 1, in_task=False)
     logger.info("KeepLoRA: finished task %d", progress.task_index)
@@ -271,6 +297,17 @@ def _task_feature_covariances(
     return {name: stats[owner].covariance for name, owner in owners.items()}
 
 
+def _merges(config: KeepLoRAConfig, module: LoraLayer, name: str) -> bool:
+    """Whether `end_task` merges this layer's finished tasks into its base weight (see `finished_tasks`)."""
+    if config.finished_tasks == "auto":
+        return merges_exactly(module)
+    if config.finished_tasks == "merge" and not module.get_base_layer().weight.dtype.is_floating_point:
+        raise ValueError(
+            f"finished_tasks='merge' cannot write into the quantized base weight of {name}; use 'auto' or 'branch'"
+        )
+    return config.finished_tasks == "merge"
+
+
 def _finish_layer(
     module: LoraLayer,
     adapter: str,
@@ -278,14 +315,17 @@ def _finish_layer(
     new_memory: torch.Tensor | None,
     dtype: torch.dtype,
     keep_principal: bool,
+    *,
+    merge: bool,
 ) -> None:
     lora_A, lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
     task = FinishedTask(lora_A.detach().float().clone(), lora_B.detach().float().clone(), float(module.scaling[adapter]))
     with torch.no_grad():
-        apply_delta_(module.get_base_layer().weight, task.delta())
         lora_A.zero_()
         lora_B.zero_()
-    state.tasks.append(task)
+    state.add_task(task)
+    if merge:
+        state.merge_into_base_(module)
     if new_memory is None:
         state.cast_(dtype)
     else:

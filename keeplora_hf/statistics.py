@@ -165,11 +165,10 @@ def output_gradient_pass(
 ) -> int:
     """Backpropagate each batch's loss and hand each target's `(input rows, output gradient)` to `on_gradient`.
 
-    Every parameter is frozen for the pass and restored after it, whatever happens; LoRA branches are bypassed (they
-    are zero at the start of a task, so the function is the same). The backward computes input gradients only: no
+    Every parameter is frozen for the pass and restored after it, whatever happens; the layers compute what they do in
+    training (finished tasks' branches included; the new task's LoRA is zero). The backward computes input gradients only: no
     weight gradient is formed, so the pass costs about one LoRA training step per batch. Returns the batch count.
     """
-    disabled = {m: m.__dict__.get("_disable_adapters", False) for m in layers.values()}
     handles = []
     anchor = torch.zeros((), device=_model_device(model), requires_grad=True)
 
@@ -188,14 +187,11 @@ def output_gradient_pass(
     with _frozen_for_statistics(model):
         try:
             for name, module in layers.items():
-                module._disable_adapters = True
                 handles.append(module.register_forward_hook(make_hook(name), with_kwargs=True))
             return _backward_each(model, batches, loss_fn, description)
         finally:
             for handle in handles:
                 handle.remove()
-            for module, flag in disabled.items():
-                module._disable_adapters = flag
 
 
 class _StopForward(BaseException):

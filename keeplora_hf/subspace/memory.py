@@ -140,7 +140,7 @@ def _ritz_until(
         usable = min(room, columns)
         cumulative = torch.cumsum(values[:usable], 0)
         if cumulative[-1] >= needed:
-            count = int(torch.searchsorted(cumulative, torch.tensor(needed, dtype=cumulative.dtype)).item()) + 1
+            count = int(torch.searchsorted(cumulative, cumulative.new_tensor(needed)).item()) + 1
             return block @ rotation[:, : min(count, usable)]
         if cumulative[-1] < 0.9 * needed:  # far from enough: the spectrum is flat, a full eigh is cheaper than growing
             return None

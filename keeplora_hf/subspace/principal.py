@@ -24,7 +24,7 @@ def energy_rank(values: torch.Tensor, energy: float) -> int:
         return 0
     cumulative = torch.cumsum(values, 0) / total
     # a tiny tolerance keeps energy == 1.0 from asking for directions that carry only rounding noise
-    return int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype) - 1e-12).item()) + 1
+    return int(torch.searchsorted(cumulative, cumulative.new_tensor(energy - 1e-12)).item()) + 1
 
 
 def principal_basis(

@@ -16,6 +16,7 @@ GRADIENT_ESTIMATORS = ("sketch", "exact")
 PRINCIPAL_SOLVERS = ("gram", "svd")
 MEMORY_SOLVERS = ("randomized", "eigh")
 STATE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+FINISHED_TASKS = ("auto", "branch", "merge")
 
 
 @dataclass
@@ -25,7 +26,7 @@ class KeepLoRAConfig(LoraConfig):
     Everything `LoraConfig` offers for plain `nn.Linear` targets applies (rank, alpha, targets, dropout,
     `rank_pattern`, `alpha_pattern`, `modules_to_save`). The fields below add the continual-learning method of
     `ALGORITHM.md`; variants that change what a LoRA layer computes (DoRA, LoRA biases, target parameters) are
-    refused because KeepLoRA++ merges `s * B @ A` into the base weight after every task.
+    refused because KeepLoRA++ keeps each finished task as exactly `s * B @ A` (merged or as a frozen branch).
     """
 
     principal_energy: float = field(
@@ -123,6 +124,18 @@ class KeepLoRAConfig(LoraConfig):
         },
     )
 
+    finished_tasks: Literal["auto", "branch", "merge"] = field(
+        default="auto",
+        metadata={
+            "help": "Where a finished task's update `s * B @ A` lives. 'merge': added into the base weight at end_task "
+            "(free at inference, but a bfloat16/float16 weight rounds most of a small update away, and breaks its "
+            "orthogonality to the protected subspace); 'branch': kept as a frozen float32 low-rank branch of the layer, "
+            "exact on any base dtype, 4-bit included, and `disable_adapter()` gives the pre-trained model, at the cost "
+            "of a rank-(tasks x r) product per target and step; 'auto' (the default): 'merge' where the base weight is "
+            "float32 or float64 (exact to ~1e-7), 'branch' otherwise. `merge_and_unload()` and `export_lora` fold "
+            "branches in whichever is chosen."
+        },
+    )
     keep_principal_basis: bool = field(
         default=False,
         metadata={
@@ -151,6 +164,7 @@ class KeepLoRAConfig(LoraConfig):
             ("principal_solver", self.principal_solver, PRINCIPAL_SOLVERS),
             ("memory_solver", self.memory_solver, MEMORY_SOLVERS),
             ("state_dtype", self.state_dtype, STATE_DTYPES),
+            ("finished_tasks", self.finished_tasks, FINISHED_TASKS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -171,7 +185,7 @@ class KeepLoRAConfig(LoraConfig):
         for name, value in unsupported.items():
             if value:
                 raise ValueError(
-                    f"{name} is not supported by KeepLoRA: each task's update is merged into the base weight as "
+                    f"{name} is not supported by KeepLoRA: each finished task's update is kept as exactly "
                     "s * B @ A, which leaves no room for it. Set it to its default."
                 )
 

@@ -1,4 +1,11 @@
-"""Per-layer continual state of KeepLoRA++, carried by each targeted LoRA `Linear`, and its layer scale."""
+"""Per-layer continual state of KeepLoRA++, carried by each targeted LoRA layer as a submodule, and its layer scale.
+
+The state is an `nn.Module` whose tensors are (non-persistent) buffers, in a `ModuleDict` named `keeplora_state` on
+the LoRA layer: `.to()`, `.cuda()`, accelerate's device maps and `delete_adapter` see it like any adapter weight. It
+is saved in the adapter file by `tuner/model.py` in its own format, because its shapes grow from task to task, which
+a plain `load_state_dict` cannot follow. Moving the model moves the state to the new device but never changes its
+dtype: `model.to(torch.bfloat16)` leaves the bases in `state_dtype` and finished tasks in float32.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -14,6 +22,10 @@ from ..subspace.basis import WORK_DTYPE, Subspace, orthogonal_complement, orthon
 from ..subspace.principal import principal_basis, ritz_energies
 
 STATE_ATTR = "keeplora_state"
+#: dtype of finished tasks' A and B, and of the frozen branch that applies them
+TASK_DTYPE = torch.float32
+#: base-weight dtypes into which a float32 update merges with rounding far below training noise (~1e-7 relative)
+EXACT_MERGE_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass
@@ -28,7 +40,39 @@ class FinishedTask:
         return self.scaling * (self.lora_B @ self.lora_A)
 
 
-class KeepLoRALayerState:
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's base weight as a float tensor (`d_out x d_in`).
+
+    A quantized base (bitsandbytes 4/8-bit, or any other backend) is read as the layer computes it: its outputs on
+    the unit vectors, in blocks, minus its output on zero (the bias). This needs no knowledge of the storage format,
+    which bitsandbytes changes on its CPU backend after the first forward (its own dequantize then gives garbage).
+    """
+    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    weight = base.weight
+    if weight.dtype.is_floating_point and weight.ndim == 2:
+        return weight.detach()
+    d_in = base.in_features
+    device = weight.device
+    with torch.no_grad():
+        offset = base(torch.zeros(1, d_in, device=device)).float()
+        columns = [
+            base(torch.eye(d_in, device=device)[start : start + _PROBE_BLOCK]).float() - offset
+            for start in range(0, d_in, _PROBE_BLOCK)
+        ]
+    return torch.cat(columns).T.contiguous()
+
+
+#: unit vectors per forward when a quantized weight is read through its layer
+_PROBE_BLOCK = 1024
+
+
+def merges_exactly(module: nn.Module) -> bool:
+    """Whether a float32 update can be added into this layer's base weight without losing it to rounding."""
+    weight = module.get_base_layer().weight
+    return weight.dtype in EXACT_MERGE_DTYPES and weight.ndim == 2
+
+
+class KeepLoRALayerState(nn.Module):
     """What one layer remembers across tasks.
 
     The protected subspace of a layer is `[principal, memory]`: `principal` (`d_in x p`) comes from the original
@@ -42,9 +86,11 @@ class KeepLoRALayerState:
     - complement alone (the default, `keep_principal_basis=False`): once `k > d_in - k`, only `complement` and the
       `p` energies of the principal directions, the original weight's top `p` squared singular values
       (`(d_in - k) * d_in + p` values). The principal basis is a pure function of the original weight (the base
-      weight minus the merged `tasks`), so `principal` recomputes it when asked for.
+      weight minus the merged tasks), so `principal` recomputes it when asked for.
 
-    `tasks` is the history that rebuilds base + merged tasks exactly.
+    Finished tasks are stacked (`finished_A`: `R x d_in`, `finished_B`: `d_out x R`, float32, `R` the sum of their
+    ranks). The first `merged_tasks` of them were added into the base weight; the others act through a frozen
+    branch, `branch(x)`, added to the base layer's output by the hooks below (see `finished_tasks` in the config).
     """
 
     def __init__(
@@ -55,26 +101,117 @@ class KeepLoRALayerState:
         *,
         complement: torch.Tensor | None = None,
         principal_energies: torch.Tensor | None = None,
+        merged_tasks: int | None = None,
     ) -> None:
+        super().__init__()
         if memory is not None and complement is not None:
             raise ValueError("a layer state holds either its memory or the complement of its protected subspace")
         if complement is not None and principal is None and principal_energies is None:
             raise ValueError("a layer state that holds only the complement needs the principal energies")
-        self._principal = principal
-        self._memory = memory
-        self.complement = complement
-        self.principal_energies = principal_energies
-        self.tasks: list[FinishedTask] = [] if tasks is None else tasks
+        for name, value in (
+            ("_principal", principal),
+            ("_memory", memory),
+            ("complement", complement),
+            ("principal_energies", principal_energies),
+            ("finished_A", None),
+            ("finished_B", None),
+        ):
+            self.register_buffer(name, value, persistent=False)
+        self._task_ranks: list[int] = []
+        self._task_scalings: list[float] = []
+        self.tasks = [] if tasks is None else tasks
+        self.merged_tasks = len(self._task_ranks) if merged_tasks is None else merged_tasks
         self._subspace: Subspace | None = None
+        self._branch: tuple[torch.Tensor, torch.Tensor, float | None] | None = None
         self._origin: tuple[weakref.ref, str] | None = None
 
-    def __repr__(self) -> str:
+    def extra_repr(self) -> str:
         layout = "bases" if self.complement is None else "complement" if self._principal is None else "principal+complement"
-        return f"KeepLoRALayerState(p={self.principal_rank}, m={self.memory_rank}, stored_as={layout}, tasks={len(self.tasks)})"
+        return (
+            f"p={self.principal_rank}, m={self.memory_rank}, stored_as={layout}, tasks={len(self._task_ranks)}, "
+            f"merged={self.merged_tasks}"
+        )
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ARG002 - the state has no submodules
+        """Follow the model to another device, never to another dtype (`model.half()` keeps the state exact)."""
+        current = next((t.device for t in self._buffers.values() if t is not None), torch.device("cpu"))
+        device = fn(torch.empty(0, device=current)).device
+        for name, value in self._buffers.items():
+            if value is not None:
+                self._buffers[name] = value.to(device)
+        self._subspace = self._branch = None
+        return self
 
     def bind(self, module: LoraLayer, principal_solver: str) -> None:
         """Remember where the principal basis comes from, to recompute it once only the complement is stored."""
         self._origin = (weakref.ref(module), principal_solver)
+
+    # -- finished tasks --------------------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> list[FinishedTask]:
+        """Every finished task's update, oldest first (views into the stacked buffers)."""
+        out, start = [], 0
+        for rank, scaling in zip(self._task_ranks, self._task_scalings):
+            out.append(FinishedTask(self.finished_A[start : start + rank], self.finished_B[:, start : start + rank], scaling))
+            start += rank
+        return out
+
+    @tasks.setter
+    def tasks(self, tasks: list[FinishedTask]) -> None:
+        tasks = list(tasks)
+        self._task_ranks = [t.lora_A.shape[0] for t in tasks]
+        self._task_scalings = [float(t.scaling) for t in tasks]
+        if tasks:
+            self.finished_A = torch.cat([t.lora_A.to(TASK_DTYPE) for t in tasks]).contiguous()
+            self.finished_B = torch.cat([t.lora_B.to(device=tasks[0].lora_A.device, dtype=TASK_DTYPE) for t in tasks], 1)
+        else:
+            self.finished_A = self.finished_B = None
+        self.merged_tasks = min(getattr(self, "merged_tasks", 0), len(tasks))
+        self._branch = None
+
+    def add_task(self, task: FinishedTask) -> None:
+        """Append a finished task (kept unmerged; `merge_into_base_` folds it into the weight)."""
+        self.tasks = [*self.tasks, task]
+
+    @property
+    def branched_tasks(self) -> int:
+        """How many finished tasks act through the frozen branch rather than through the base weight."""
+        return len(self._task_ranks) - self.merged_tasks
+
+    def merge_into_base_(self, module: LoraLayer, *, together: bool = False) -> None:
+        """Add the unmerged tasks into the base weight: one by one, as `end_task` and loading do (so both give the
+        same bits), or `together`, summed in float32 and rounded once (`merge_and_unload`)."""
+        if not self.branched_tasks:
+            return
+        if not module.get_base_layer().weight.dtype.is_floating_point:
+            raise ValueError(
+                f"cannot merge finished tasks into the quantized weight of {type(module.get_base_layer()).__name__}: "
+                "keep them as a branch (finished_tasks='branch'), or export a plain LoRA with export_lora"
+            )
+        pending = self.tasks[self.merged_tasks :]
+        with torch.no_grad():
+            for delta in [merged_delta(pending)] if together else [task.delta() for task in pending]:
+                apply_delta_(module.get_base_layer().weight, delta)
+        self.merged_tasks = len(self._task_ranks)
+        self._branch = None
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`sum_t s_t B_t A_t x` over the unmerged tasks, in float32 (None when every task is merged)."""
+        if not self.branched_tasks:
+            return None
+        if self._branch is None:
+            start = sum(self._task_ranks[: self.merged_tasks])
+            scalings = set(self._task_scalings[self.merged_tasks :])
+            lora_A, lora_B = self.finished_A[start:], self.finished_B[:, start:]
+            if len(scalings) == 1:  # one layer scale for all tasks: applied as LoRA applies it, after B
+                self._branch = (lora_A, lora_B, scalings.pop())
+            else:
+                columns = [torch.full((r,), s) for r, s in zip(self._task_ranks, self._task_scalings)][self.merged_tasks :]
+                self._branch = (lora_A, lora_B * torch.cat(columns).to(lora_B), None)
+        lora_A, lora_B, scaling = self._branch
+        out = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B)
+        return out if scaling is None else out * scaling
 
     # -- what is protected -----------------------------------------------------------------------------------
 
@@ -190,16 +327,16 @@ class KeepLoRALayerState:
         return basis.to(self.complement.dtype)
 
     def _original_weight(self) -> torch.Tensor:
-        """The layer's pre-trained weight in float32: its base weight minus the merged tasks, newest first."""
+        """The layer's pre-trained weight in float32: its base weight minus the merged tasks."""
         module = self._origin[0]() if self._origin is not None else None
         if module is None:
             raise RuntimeError(
                 "this layer state stores the complement of its protected subspace and is not attached to its layer, so "
                 "its principal basis cannot be recomputed"
             )
-        original = module.get_base_layer().weight.detach().float().clone()
-        for task in reversed(self.tasks):
-            original -= task.delta().to(original.device)
+        original = base_weight(module).float().clone()
+        if self.merged_tasks:
+            original -= merged_delta(self.tasks[: self.merged_tasks]).to(original.device)
         return original
 
     # -- how it changes ----------------------------------------------------------------------------------------
@@ -248,14 +385,6 @@ class KeepLoRALayerState:
             self.principal_energies = ritz_energies(self._original_weight(), self._principal)
         self._principal = None
 
-    def to_(self, device: torch.device | str) -> None:
-        """Move the bases to `device` (in place)."""
-        for name in ("_principal", "_memory", "complement"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.to(device))
-        self._subspace = None
-
     def cast_(self, dtype: torch.dtype) -> None:
         """Store the bases in `dtype` (in place)."""
         for name in ("_principal", "_memory", "complement"):
@@ -266,17 +395,79 @@ class KeepLoRALayerState:
 
 
 def layer_state(module: LoraLayer, adapter_name: str) -> KeepLoRALayerState:
-    states = module.__dict__.setdefault(STATE_ATTR, {})
-    return states.setdefault(adapter_name, KeepLoRALayerState())
+    """The adapter's state on `module`, created (empty, on the layer's device) the first time it is asked for."""
+    states = module._modules.get(STATE_ATTR)
+    if states is None:
+        states = module.keeplora_state = nn.ModuleDict()
+        # PEFT's delete_adapter drops every adapter-keyed container it is told of: the state is one
+        module.other_param_names = (*type(module).other_param_names, STATE_ATTR)
+        module.register_forward_pre_hook(_open_branch)
+        module.register_forward_hook(_close_branch, always_call=True)
+        module.get_base_layer().register_forward_hook(_add_branch)
+    if adapter_name not in states:
+        states[adapter_name] = KeepLoRALayerState().to(module.get_base_layer().weight.device)
+    return states[adapter_name]
+
+
+def set_layer_state(module: LoraLayer, adapter_name: str, state: KeepLoRALayerState) -> None:
+    """Install `state` as the adapter's state on `module` (on the layer's device)."""
+    layer_state(module, adapter_name)
+    module.keeplora_state[adapter_name] = state.to(module.get_base_layer().weight.device)
 
 
 def has_layer_state(module: nn.Module, adapter_name: str) -> bool:
-    return isinstance(module, LoraLayer) and adapter_name in module.__dict__.get(STATE_ATTR, {})
+    states = module._modules.get(STATE_ATTR) if isinstance(module, LoraLayer) else None
+    return states is not None and adapter_name in states
+
+
+# The frozen branch of unmerged finished tasks is added where LoRA's own branch is: to the base layer's output, in
+# float32, with the sum rounded once to the output dtype. Three hooks do it without replacing PEFT's layer classes (so
+# every LoRA layer type works, 4-bit included): the target's pre-hook tells its base layer which states to apply
+# (none with the adapter disabled: the pre-trained layer), the base layer's hook returns `base(x) + branch(x)` in
+# float32 and notes its own dtype, and the target's hook rounds the total (base + LoRA + branch) back to that dtype.
+_BRANCH_CALL = "_keeplora_branch_call"
+
+
+def _open_branch(module: LoraLayer, args: tuple) -> None:  # noqa: ARG001
+    if module.disable_adapters:
+        return
+    states = [module.keeplora_state[a] for a in module.active_adapters if a in module.keeplora_state]
+    states = [s for s in states if s.branched_tasks]
+    if states:
+        module.get_base_layer().__dict__[_BRANCH_CALL] = {"states": states, "dtype": None}
+
+
+def _add_branch(base: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    call = base.__dict__.get(_BRANCH_CALL)
+    if call is None:
+        return output
+    call["dtype"] = output.dtype
+    total = output.to(TASK_DTYPE)
+    for state in call["states"]:
+        total = total + state.branch(args[0])
+    return total
+
+
+def _close_branch(module: LoraLayer, args: tuple, output: torch.Tensor) -> torch.Tensor:  # noqa: ARG001
+    call = module.get_base_layer().__dict__.pop(_BRANCH_CALL, None)
+    if call is None or call["dtype"] is None:
+        return output
+    return output.to(call["dtype"])
+
+
+def merged_delta(tasks: list[FinishedTask]) -> torch.Tensor:
+    """The sum of the tasks' updates, in float32."""
+    total = tasks[0].delta()
+    for task in tasks[1:]:
+        total = total + task.delta()
+    return total
 
 
 def apply_delta_(weight: torch.Tensor, delta: torch.Tensor) -> None:
-    """Merge a float32 update into a base weight. Used for training and for reloading, so both give the same bits."""
-    weight.data.add_(delta.to(device=weight.device, dtype=weight.dtype))
+    """Add a float32 update into a base weight, rounded once to its dtype. Used for training and for reloading, so both
+    give the same bits."""
+    summed = weight.data.to(delta.dtype) + delta.to(weight.device)
+    weight.data.copy_(summed.to(weight.dtype))
 
 
 _INDEX = re.compile(r"^\d+$")

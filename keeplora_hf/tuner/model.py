@@ -8,7 +8,15 @@ import torch
 from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
-from .layer import FinishedTask, KeepLoRALayerState, apply_delta_, has_layer_state, layer_scales, layer_state
+from .layer import (
+    FinishedTask,
+    KeepLoRALayerState,
+    apply_delta_,
+    has_layer_state,
+    layer_scales,
+    layer_state,
+    set_layer_state,
+)
 from .registration import KEEPLORA_PEFT_TYPE
 
 STATE_KEY = "keeplora_state"
@@ -62,6 +70,17 @@ class KeepLoRAModel(LoraModel):
             for module in model.modules():
                 if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
                     module.lora_A[adapter_name].weight.requires_grad_(config.train_lora_A)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        """`merge_and_unload()` folds the finished tasks kept as branches into the base weights first (one rounding
+        per weight), so the merged model computes what the adapter did; `unload()` drops them with the adapter."""
+        if merge:
+            for adapter_name in adapter_names or self.active_adapters:
+                for module in keeplora_layers(self.model, adapter_name).values():
+                    layer_state(module, adapter_name).merge_into_base_(module, together=True)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
 
     def keeplora_adapter(self) -> str:
         """The one active adapter that a task sequence trains; KeepLoRA does not mix adapters."""
@@ -128,6 +147,7 @@ def continual_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch
             tensors[f"{prefix}.complement"] = state.complement.detach().cpu().contiguous()
         elif state.memory is not None:
             tensors[f"{prefix}.memory"] = state.memory.detach().cpu().contiguous()
+        tensors[f"{prefix}.merged_tasks"] = torch.tensor([state.merged_tasks], dtype=torch.int64)
         for t, task in enumerate(state.tasks):
             tensors[f"{prefix}.task{t}.lora_A"] = task.lora_A.detach().cpu().contiguous()
             tensors[f"{prefix}.task{t}.lora_B"] = task.lora_B.detach().cpu().contiguous()
@@ -135,7 +155,7 @@ def continual_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch
     return tensors
 
 
-_LAYER_KEY = re.compile(rf"^(?P<layer>.+)\.{STATE_KEY}\.(?P<field>principal|memory|complement|task(?P<task>\d+)\.(?P<part>lora_A|lora_B|scaling))$")
+_LAYER_KEY = re.compile(rf"^(?P<layer>.+)\.{STATE_KEY}\.(?P<field>principal|memory|complement|merged_tasks|task(?P<task>\d+)\.(?P<part>lora_A|lora_B|scaling))$")
 
 
 def load_continual_state(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -170,23 +190,29 @@ def load_continual_state(model: nn.Module, adapter_name: str, tensors: dict[str,
         raise ValueError(f"the saved KeepLoRA state names layers this model lacks: {unknown[:5]}")
     new_states = {name: _parse_layer_state(name, m, by_layer.get(name, {}), task_index) for name, m in layers.items()}
     for name, module in layers.items():
-        merged = layer_state(module, adapter_name).tasks
-        if merged and not _same_history(merged, new_states[name].tasks[: len(merged)]):
+        current = layer_state(module, adapter_name)
+        held = current.tasks
+        if held and not _same_history(held, new_states[name].tasks[: len(held)]):
             raise ValueError(
-                f"{name} already holds merged KeepLoRA tasks that differ from the saved ones; load the adapter into "
-                "a fresh base model"
+                f"{name} already holds KeepLoRA tasks that differ from the saved ones; load the adapter into a fresh "
+                "base model"
             )
+        if current.merged_tasks > new_states[name].merged_tasks:
+            raise ValueError(
+                f"{name} has {current.merged_tasks} tasks merged into its weight, the saved state only "
+                f"{new_states[name].merged_tasks}; load the adapter into a fresh base model"
+            )
+        if new_states[name].merged_tasks > current.merged_tasks and not module.get_base_layer().weight.dtype.is_floating_point:
+            raise ValueError(f"the saved state of {name} has tasks merged into a weight that is quantized in this model")
 
     for name, module in layers.items():
         state = new_states[name]
-        weight = module.get_base_layer().weight
-        already = len(layer_state(module, adapter_name).tasks)  # e.g. a Trainer resuming inside the next task
-        with torch.no_grad():
-            for task in state.tasks[already:]:
-                apply_delta_(weight, task.delta())
-        state.to_(weight.device)
+        already = layer_state(module, adapter_name).merged_tasks  # e.g. a Trainer resuming inside the next task
+        with torch.no_grad():  # task by task, as end_task merged them, so the weights get the same bits
+            for task in state.tasks[already : state.merged_tasks]:
+                apply_delta_(module.get_base_layer().weight, task.delta())
         state.bind(module, config.principal_solver)
-        module.__dict__["keeplora_state"][adapter_name] = state
+        set_layer_state(module, adapter_name, state)
     tuner.keeplora_progress[adapter_name] = TaskProgress(task_index, in_task)
 
 
@@ -227,6 +253,7 @@ def _parse_layer_state(name: str, module: LoraLayer, fields: dict[str, torch.Ten
         state = KeepLoRALayerState(complement=fields["complement"], principal_energies=fields["principal"].to(torch.float64))
     else:
         state = KeepLoRALayerState(fields.get("principal"), fields.get("memory"), complement=fields.get("complement"))
+    tasks = []
     for t in range(task_index):
         try:
             lora_a, lora_b = fields[f"task{t}.lora_A"], fields[f"task{t}.lora_B"]
@@ -238,7 +265,13 @@ def _parse_layer_state(name: str, module: LoraLayer, fields: dict[str, torch.Ten
                 f"saved task {t} of {name} has lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)}, which "
                 f"do not fit a ({d_out}, {d_in}) weight: the adapter was saved from a different base model"
             )
-        state.tasks.append(FinishedTask(lora_a.float(), lora_b.float(), scaling))
+        tasks.append(FinishedTask(lora_a.float(), lora_b.float(), scaling))
+    state.tasks = tasks
+    # adapters saved before finished tasks could stay unmerged have every task merged
+    merged = int(fields["merged_tasks"].item()) if "merged_tasks" in fields else task_index
+    if not 0 <= merged <= task_index:
+        raise ValueError(f"saved KeepLoRA state of {name} has {merged} merged tasks out of {task_index}; the file is corrupt")
+    state.merged_tasks = merged
     if task_index > 0 and not state.initialised:
         raise ValueError(f"saved KeepLoRA state of {name} lacks its principal basis after {task_index} tasks")
     return state
