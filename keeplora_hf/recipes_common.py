@@ -55,7 +55,7 @@ from .data.video import write_video
 from .statistics import move_to
 from .subspace import principal_basis
 from .tuner.config import KeepLoRAConfig
-from .tuner.layer import layer_state
+from .tuner.layer import base_weight, layer_state
 from .tuner.model import keeplora_layers, tuner_of
 
 logger = logging.getLogger(__name__)
@@ -137,16 +137,17 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False)
     load_in_4bit: bool = field(
         default=False,
-        metadata={"help": "Load the base with bitsandbytes 4-bit (NF4). KeepLoRA's targets, the projector and lm_head "
-                  "stay unquantized (quantization_skip_modules): their weights are merged into after every task."},
+        metadata={"help": "Load the base with bitsandbytes 4-bit (NF4), QLoRA-style: targets may be quantized (finished "
+                  "tasks stay a float32 branch, principal bases come from the layer's dequantized weight); the "
+                  "projector and lm_head stay unquantized."},
     )
     load_in_8bit: bool = field(default=False, metadata={"help": "Like load_in_4bit, with LLM.int8()."})
     bnb_4bit_quant_type: str = field(default="nf4")
     bnb_4bit_compute_dtype: str = field(default="bfloat16")
     quantization_skip_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "Module names kept unquantized with load_in_4bit/8bit. Must cover every KeepLoRA target "
-                  "(e.g. q_proj k_proj v_proj o_proj); the projector and lm_head are always added."},
+        metadata={"help": "Further module names kept unquantized with load_in_4bit/8bit; the projector and lm_head are "
+                  "always added."},
     )
     min_pixels: int | None = field(default=None, metadata={"help": "Qwen2-VL processors: smallest image area."})
     max_pixels: int | None = field(
@@ -374,16 +375,9 @@ def _quantization_config(args: ModelArguments, family: str) -> Any:
         return None
     if args.load_in_4bit and args.load_in_8bit:
         raise ValueError("choose load_in_4bit or load_in_8bit, not both")
-    if not torch.cuda.is_available():
-        raise ValueError("load_in_4bit / load_in_8bit need a CUDA GPU (bitsandbytes)")
     from transformers import BitsAndBytesConfig
 
     skip = list(args.quantization_skip_modules or [])
-    if not skip:
-        raise ValueError(
-            "load_in_4bit/8bit: set quantization_skip_modules to the KeepLoRA target names (e.g. [q_proj, k_proj, "
-            "v_proj, o_proj]): KeepLoRA merges every task into its targets' weights, so they must stay unquantized"
-        )
     skip += list(args.projector_modules or PROJECTOR_MODULES.get(family, [])) + ["lm_head"]
     if args.load_in_4bit:
         return BitsAndBytesConfig(
@@ -510,27 +504,14 @@ def seed_principal_energy(model: PeftModel, pattern: dict[str, float]) -> list[s
         state = layer_state(module, adapter)
         if energy is None or state.initialised:  # (never `state.principal`: a complement-only state recomputes it)
             continue
-        weight = module.get_base_layer().weight
-        principal, energies = principal_basis(weight, energy, return_energies=True, **solver)
+        principal, energies = principal_basis(base_weight(module), energy, return_energies=True, **solver)
         state.principal = principal.to(dtype)
-        state.memory = principal.new_zeros(weight.shape[1], 0).to(dtype)
+        state.memory = principal.new_zeros(principal.shape[0], 0).to(dtype)
         state.principal_energies = energies  # what the state keeps of the basis once it stores only the complement
         seeded.append(name)
     if not seeded and tuner.progress(adapter).task_index == 0:
         raise ValueError(f"keeplora.principal_energy_pattern {pattern} matches no KeepLoRA target")
     return seeded
-
-
-def check_unquantized_targets(model: PeftModel) -> None:
-    """KeepLoRA merges into its targets' weights and takes their SVD: they must be plain floating-point weights."""
-    tuner = tuner_of(model)
-    for name, module in keeplora_layers(model, tuner.keeplora_adapter()).items():
-        base = module.get_base_layer()
-        if "bitsandbytes" in type(base).__module__ or not base.weight.is_floating_point():
-            raise ValueError(
-                f"KeepLoRA target {name} is quantized ({type(base).__name__}); KeepLoRA merges every "
-                "task into its targets' weights, so add its name to quantization_skip_modules"
-            )
 
 
 class _SeparateLearningRate:
@@ -881,7 +862,6 @@ def run_recipe(
     ):
         model.enable_input_require_grads()  # the frozen embeddings must still pass gradients to checkpointed blocks
     peft_model = get_peft_model(model, peft_config)
-    check_unquantized_targets(peft_model)
     seeded = seed_principal_energy(peft_model, principal_energy_pattern or {})
     if seeded:
         logger.info("principal_energy_pattern: %d targets use their own epsilon_w", len(seeded))

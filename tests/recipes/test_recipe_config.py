@@ -146,17 +146,14 @@ def test_zero3_and_fsdp_are_refused_before_anything_loads(tmp_path, monkeypatch)
         refuse_sharded_parameters(config.training)
 
 
-def test_quantized_loading_needs_a_gpu_and_unquantized_targets():
-    args = ModelArguments(model_name_or_path="x", load_in_4bit=True, quantization_skip_modules=["q_proj"])
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="need a CUDA GPU"):
-            _quantization_config(args, "llava")
-    else:
-        pytest.importorskip("bitsandbytes")
-        quantization = _quantization_config(args, "llava")
-        assert set(quantization.llm_int8_skip_modules) == {"q_proj", "multi_modal_projector", "lm_head"}
-        with pytest.raises(ValueError, match="quantization_skip_modules to the KeepLoRA target names"):
-            _quantization_config(ModelArguments(model_name_or_path="x", load_in_8bit=True), "llava")
+def test_quantized_loading_quantizes_the_targets_too_and_keeps_the_projector():
+    pytest.importorskip("bitsandbytes")
+    quantization = _quantization_config(ModelArguments(model_name_or_path="x", load_in_4bit=True), "llava")
+    assert quantization.load_in_4bit and set(quantization.llm_int8_skip_modules) == {"multi_modal_projector", "lm_head"}
+    args = ModelArguments(model_name_or_path="x", load_in_8bit=True, quantization_skip_modules=["q_proj"])
+    assert set(_quantization_config(args, "llava").llm_int8_skip_modules) == {"q_proj", "multi_modal_projector", "lm_head"}
+    with pytest.raises(ValueError, match="not both"):
+        _quantization_config(ModelArguments(model_name_or_path="x", load_in_4bit=True, load_in_8bit=True), "llava")
 
 
 def test_projector_gets_its_own_learning_rate(tmp_path):
