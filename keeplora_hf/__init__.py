@@ -6,6 +6,7 @@ Importing this package registers the KEEPLORA peft type, so `get_peft_model(mode
 
 from .continual import ContinualRunner, ContinualTask, GeneralSet
 from .export import export_lora
+from .callback import KeepLoRACallback
 from .lifecycle import (
     attach_residual_projection,
     begin_task,
@@ -24,6 +25,7 @@ __all__ = [
     "ContinualTask",
     "GeneralSet",
     "KEEPLORA_PEFT_TYPE",
+    "KeepLoRACallback",
     "KeepLoRAConfig",
     "KeepLoRAModel",
     "KeepLoRATrainer",

@@ -23,6 +23,7 @@ def _demo(args: argparse.Namespace) -> None:
             model_path=args.model,
             overwrite=args.overwrite,
             video=args.video,
+            dtype=args.dtype,
         )
     )
 
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--video", action="store_true", help="also run the video sequence on a tiny LLaVA-NeXT-Video")
     demo.add_argument("--model", default=None, help="a pre-trained demo model directory (default: the shipped one)")
     demo.add_argument("--overwrite", action="store_true", help="replace results of a run with other settings")
+    demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="the base model's dtype (bfloat16: as 7B models are trained; the adapters stay float32)")
     demo.set_defaults(func=_demo)
 
     pre = sub.add_parser("pretrain", help="pre-train the demo VLM on the general synthetic corpus")

@@ -38,6 +38,8 @@ from .models.pretrain import MAX_LENGTH
 
 logger = logging.getLogger(__name__)
 
+DEMO_DTYPES = ("float32", "bfloat16")
+
 
 @dataclass
 class DemoSettings:
@@ -62,6 +64,7 @@ class DemoSettings:
     model_path: str | None = None
     overwrite: bool = False
     data_seed: int = 0
+    dtype: str = "float32"  # the base model's dtype, as users load it (bfloat16: finished tasks stay a float32 branch)
 
 
 @dataclass
@@ -78,6 +81,8 @@ class Sequence:
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     """Run every (sequence, seed, method), resuming finished ones; write per-seed results and a summary."""
+    if settings.dtype not in DEMO_DTYPES:
+        raise ValueError(f"dtype must be one of {DEMO_DTYPES}, got {settings.dtype!r}")
     unknown = [m for m in settings.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)} or 'all'")
@@ -131,7 +136,7 @@ def _video_sequence(data: dict[str, Any], settings: DemoSettings) -> Sequence:
 def _run_method(method: Method, sequence: Sequence, settings: DemoSettings, seed: int, out: Path) -> dict[str, Any]:
     if (out / "results.json").exists() and not settings.overwrite:
         return _finished(out, settings)
-    base = sequence.load_base()
+    base = sequence.load_base().to(getattr(torch, settings.dtype))
     tasks, general = sequence.tasks, sequence.general
     config = {"demo": _training_settings(settings)}
     if method.kind == "none":

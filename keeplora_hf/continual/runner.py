@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..callback import KeepLoRACallback
 from ..trainer import KeepLoRATrainer
 from ..tuner.model import KeepLoRAModel
 from .checkpoint import atomic_directory, atomic_write_json, complete_trainer_checkpoint, read_json
@@ -57,7 +58,9 @@ class ContinualRunner:
     """Runs a task sequence on a fresh `PeftModel` and writes everything to `output_dir`.
 
     A KEEPLORA model is trained with `KeepLoRATrainer` (begin, train, end per task); any other PEFT model (a
-    baseline such as OSF) with the plain `Trainer`, its adapter carried from task to task.
+    baseline such as OSF) with the plain `Trainer`, its adapter carried from task to task. `trainer_class` (a
+    Trainer class or factory, called like `Trainer(model=, args=, train_dataset=, data_collator=, **trainer_kwargs)`,
+    e.g. TRL's `SFTTrainer`) replaces them; a `KeepLoRACallback` is attached to it unless it has one.
 
     Layout of `output_dir`: `run.json` (what the run is, to refuse mixing runs), `row_000.json` (the model before
     any task), `tasks/NNN_<name>/` (the adapter after task NNN with its continual state, and `row.json`, its
@@ -79,6 +82,7 @@ class ContinualRunner:
         run_config: dict[str, Any] | None = None,
         overwrite: bool = False,
         trainer_kwargs: dict[str, Any] | None = None,
+        trainer_class: Callable[..., Trainer] | None = None,
         continue_from: str | Path | None = None,
         push_to_hub: str | None = None,
         hub_kwargs: dict[str, Any] | None = None,
@@ -91,6 +95,7 @@ class ContinualRunner:
         self.data_collator = data_collator
         self.method = method
         self.trainer_kwargs = trainer_kwargs or {}
+        self.trainer_class = trainer_class
         self.state = PartialState()
         if not isinstance(model, PeftModel):
             raise TypeError(f"ContinualRunner needs a PeftModel (get_peft_model(base, config)), got {type(model).__name__}")
@@ -139,7 +144,7 @@ class ContinualRunner:
     def _learn(self, index: int, task: ContinualTask) -> dict[str, float]:
         trainer_dir = self.output_dir / "trainer" / self._slug(index)
         args = dataclasses.replace(self.args, output_dir=str(trainer_dir))
-        trainer_class = KeepLoRATrainer if self.keeplora else Trainer
+        trainer_class = self.trainer_class or (KeepLoRATrainer if self.keeplora else Trainer)
         trainer = trainer_class(
             model=self.model,
             args=args,
@@ -147,6 +152,7 @@ class ContinualRunner:
             data_collator=self.data_collator,
             **self.trainer_kwargs,
         )
+        callback = _keeplora_callback(trainer) if self.keeplora else None
         checkpoint = _last_complete_checkpoint(trainer_dir)
         if checkpoint is not None:
             logger.info("task %s: resuming from the Trainer checkpoint %s", task.name, checkpoint)
@@ -154,8 +160,8 @@ class ContinualRunner:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_s = time.perf_counter() - start
         start = time.perf_counter()
-        if self.keeplora:
-            trainer.end_task()
+        if callback is not None:
+            callback.end_task(trainer)
         end_s = time.perf_counter() - start
         self.learned = index
         if self.state.is_main_process:
@@ -165,7 +171,7 @@ class ContinualRunner:
         if self.state.is_main_process:
             for stale in trainer_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-        begin_s = getattr(trainer, "keeplora_begin_seconds", 0.0)  # inside trainer.train(), reported apart
+        begin_s = callback.begin_seconds if callback is not None else 0.0  # inside trainer.train(), reported apart
         return {"train": train_s - begin_s, "task_boundary": begin_s + end_s}
 
     def _evaluate_row(self, index: int, timings: dict[str, float]) -> dict[str, Any]:
@@ -359,6 +365,16 @@ def _checked_metric(name: str, value: Any) -> float:
     if math.isnan(number) or not 0.0 <= number <= 1.0:
         raise ValueError(f"the metric of {name!r} returned {number}, not an accuracy in [0, 1]")
     return number
+
+
+def _keeplora_callback(trainer: Trainer) -> KeepLoRACallback:
+    """The trainer's `KeepLoRACallback`, attached now if it has none (a plain Trainer or TRL's from a factory)."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, KeepLoRACallback):
+            return callback
+    callback = KeepLoRACallback()
+    trainer.add_callback(callback)
+    return callback
 
 
 def _last_complete_checkpoint(trainer_dir: Path) -> Path | None:

@@ -1,0 +1,108 @@
+"""`KeepLoRACallback`: the KeepLoRA++ task lifecycle for any `transformers.Trainer` (TRL's `SFTTrainer`, subclasses).
+
+A callback reaches everything the lifecycle needs: the model and the training dataloader at `on_train_begin` (after
+the Trainer has loaded a checkpoint to resume from, and before the first step), and every real optimizer update at
+`on_optimizer_step` (after gradient accumulation and clipping, before the gradients are zeroed, on every rank alike).
+So no subclass is needed, and a Trainer subclass of the user's own (a custom `compute_loss`, TRL's trainers) keeps
+working unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from accelerate.data_loader import prepare_data_loader
+from torch.utils.data import DataLoader, Subset
+from transformers import Trainer, TrainerCallback
+
+from .lifecycle import begin_task, end_task, project_lora_A_
+from .statistics import LossFn, default_loss
+from .tuner.model import tuner_of
+
+logger = logging.getLogger(__name__)
+
+
+class KeepLoRACallback(TrainerCallback):
+    """Begins a KeepLoRA++ task when training starts, keeps a trainable `A` in its residual subspace after every
+    optimizer update, and finishes the task on request.
+
+    ```python
+    callback = KeepLoRACallback()
+    trainer = SFTTrainer(model=peft_model, args=args, train_dataset=task, callbacks=[callback])
+    trainer.train()               # begin_task on the statistics subset, then training
+    callback.end_task(trainer)    # keep the task, grow the feature memory
+    ```
+
+    - `train()` begins the task on `gradient_data_ratio` of the training set, unless a task is already under way (a
+      model reloaded mid-task, or a Trainer resuming from one of its own checkpoints, which hold the task's `A`).
+    - With `train_lora_A`, `A` is projected back onto the residual subspace after each optimizer step; without it,
+      `A` is frozen again (reloading a checkpoint marks every adapter weight trainable).
+    - `loss_fn(model, batch)` is what the statistics passes use; it defaults to `model(**batch).loss`.
+    """
+
+    def __init__(self, *, loss_fn: LossFn = default_loss) -> None:
+        self.loss_fn = loss_fn
+        self.begin_seconds = 0.0
+        self._statistics: DataLoader | None = None
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs: Any) -> None:
+        tuner = tuner_of(_unwrapped(model))
+        adapter = tuner.keeplora_adapter()
+        config = tuner.peft_config[adapter]
+        for module in tuner.model.modules():
+            if adapter in getattr(module, "lora_A", {}):
+                module.lora_A[adapter].weight.requires_grad_(config.train_lora_A)
+        if train_dataloader is None:
+            raise ValueError("KeepLoRACallback needs the Trainer's training dataloader (transformers >= 4.40)")
+        self._statistics = statistics_dataloader(train_dataloader, config.gradient_data_ratio, args)
+        if not tuner.progress(adapter).in_task:
+            start = time.perf_counter()
+            begin_task(model, self._statistics, max_batches=len(self._statistics), loss_fn=self.loss_fn)
+            self.begin_seconds = time.perf_counter() - start
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs: Any) -> None:
+        tuner = tuner_of(_unwrapped(model))
+        if tuner.peft_config[tuner.keeplora_adapter()].train_lora_A:
+            project_lora_A_(model)
+
+    def end_task(self, trainer_or_model: Trainer | torch.nn.Module) -> None:
+        """Finish the task trained by the last `train()`, on the same statistics subset `begin_task` used."""
+        if self._statistics is None:
+            raise RuntimeError("end_task: this callback has not seen a train() yet, so there is no task to finish")
+        model = trainer_or_model.model if isinstance(trainer_or_model, Trainer) else trainer_or_model
+        end_task(model, self._statistics, max_batches=len(self._statistics), loss_fn=self.loss_fn)
+
+
+def statistics_dataloader(train_dataloader: DataLoader, ratio: float, args: Any) -> DataLoader:
+    """`ratio` of the training set, a fixed random subset drawn from `args.seed`, batched and collated like training.
+
+    It is drawn with its own generator, so the statistics passes leave the global RNG, and with it the training
+    order, exactly as without them; under several processes its batches are sharded across ranks as the Trainer
+    shards its own, and the statistics are summed across ranks by the lifecycle.
+    """
+    dataset = train_dataloader.dataset
+    size = len(dataset)
+    count = max(1, math.ceil(ratio * size))
+    generator = torch.Generator().manual_seed(args.seed)
+    indices = sorted(torch.randperm(size, generator=generator)[:count].tolist())
+    loader = DataLoader(
+        Subset(dataset, indices),
+        batch_size=args.train_batch_size,
+        collate_fn=train_dataloader.collate_fn,
+        num_workers=args.dataloader_num_workers,
+    )
+    state = PartialState()
+    if state.num_processes == 1:
+        return loader
+    return prepare_data_loader(
+        loader, num_processes=state.num_processes, process_index=state.process_index, put_on_device=False
+    )
+
+
+def _unwrapped(model: Any) -> Any:
+    return getattr(model, "module", model)  # DistributedDataParallel and friends
