@@ -87,3 +87,11 @@ def test_help_lists_every_argument(capsys):
     for flag in ("--model_name_or_path", "--data_root", "--projector_learning_rate", "--load_in_4bit", "--overwrite_run",
                  "--activation_checkpointing", "--bf16"):
         assert flag in shown
+
+
+def test_trl_sft_tiny(tmp_path, one_thread):
+    """TRL's SFTTrainer on conversational messages + images, through ContinualRunner(trainer_class=SFTTrainer)."""
+    pytest.importorskip("trl")
+    recipe_main("trl_sft")(tiny_args("trl_sft", tmp_path))
+    results = check_results(tmp_path / "run", ["frame_colour", "count_red"])
+    assert results["config"]["recipe"]["model_name_or_path"] == "demo"
