@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
@@ -25,11 +24,10 @@ def task_deltas(run_dir) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_two_processes_match_one(tmp_path, reference_run):
     single_dir, single = reference_run
     result = subprocess.run(
-        ["torchrun", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path / "double"), "--global-batch", "8"],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path / "double"), "--global-batch", "8"],
         capture_output=True, text=True, timeout=600,
     )
     double = matrix(result)

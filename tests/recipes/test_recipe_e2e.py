@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import sys
 
 import pytest
 
@@ -16,7 +16,7 @@ CLIP_TASKS = ["primary", "secondary"]
 @pytest.mark.slow
 def test_vqa_tiny_with_accelerate_launch(tmp_path):
     """`accelerate launch` (one CPU process) of the LLaVA recipe: data written, checked, 3 tasks learned, scored."""
-    run_command(["accelerate", "launch", "--config_file", str(ACCELERATE_CPU), str(RECIPES / "llava_vqa" / "train.py"),
+    run_command([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU), str(RECIPES / "llava_vqa" / "train.py"),
                  *tiny_args("llava_vqa", tmp_path)], cwd=tmp_path)
     results = check_results(tmp_path / "run", VQA_TASKS)
     recipe = results["config"]["recipe"]
@@ -30,10 +30,9 @@ def test_vqa_tiny_with_accelerate_launch(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_vqa_tiny_on_two_processes(tmp_path):
     """torchrun, 2 CPU processes (gloo): same results layout; the eval is sharded across ranks and all-reduced."""
-    run_command(["torchrun", "--nproc_per_node", "2", str(RECIPES / "llava_vqa" / "train.py"),
+    run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(RECIPES / "llava_vqa" / "train.py"),
                  *tiny_args("llava_vqa", tmp_path, "--ddp_backend", "gloo", "--per_device_train_batch_size", "2")],
                 cwd=tmp_path, timeout=400)
     check_results(tmp_path / "run", VQA_TASKS)
