@@ -51,7 +51,8 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "may also be the repo id of a pushed run.",
     )
     export.add_argument("run_dir", help="the runner's output directory, or a pushed run's Hub repo id")
-    export.add_argument("out", help="the directory to write the plain LoRA adapter to (replaced if it exists)")
+    export.add_argument("out", help="the directory to write the plain LoRA adapter to (empty or absent)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty (never a run)")
     export.add_argument("--after-task", type=int, default=None, metavar="K",
                         help="export the first K tasks (1..learned; default: all learned tasks)")
     export.add_argument("--base-model", default=None, help=_BASE_HELP)
@@ -88,8 +89,8 @@ def _export(args: argparse.Namespace) -> None:
 
     try:
         out = export_run(args.run_dir, args.out, after_task=args.after_task, base_model=args.base_model,
-                         revision=args.revision)
-    except (ValueError, TypeError, FileNotFoundError, HubOfflineError) as error:
+                         revision=args.revision, overwrite=args.overwrite)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, HubOfflineError) as error:
         raise SystemExit(f"keeplora-hf export: error: {error}") from None
     config = json.loads((Path(out) / "adapter_config.json").read_text())
     ranks = sorted(set(config.get("rank_pattern", {}).values()) or {config["r"]})

@@ -14,12 +14,17 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import nn
 
+from .continual.checkpoint import with_default_mode
+from .continual.runner import RUN_FILE
 from .tuner.layer import FinishedTask, layer_state
 from .tuner.model import keeplora_layers, tuner_of
 
 
-def export_lora(model: nn.Module, path: str | os.PathLike) -> Path:
+def export_lora(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write the model's whole change to its pre-trained weights as a plain LoRA adapter in `path`.
+
+    A `path` that exists and is not empty is refused unless `overwrite`, and a directory holding a continual run
+    (`run.json`) is never replaced. The adapter is written beside it and moved into place in one step.
 
     Each finished task is a rank-r update `s_l * B_t @ A_t`; stacking them gives one LoRA of rank `k * r` per layer
     (plus the task under way, if any). Its plain-LoRA scaling `alpha_l / (k r)` equals `s_l` through a per-layer
@@ -62,7 +67,7 @@ def export_lora(model: nn.Module, path: str | os.PathLike) -> Path:
         base_model_name_or_path=config.base_model_name_or_path,
         revision=config.revision,
     )
-    return _write_atomically(Path(path), plain, tensors)
+    return _write_atomically(Path(path), plain, tensors, overwrite)
 
 
 def _updates(module: nn.Module, adapter: str) -> list[FinishedTask]:
@@ -77,7 +82,20 @@ def _updates(module: nn.Module, adapter: str) -> list[FinishedTask]:
     return [FinishedTask(u.lora_A.cpu(), u.lora_B.cpu(), u.scaling) for u in updates]
 
 
-def _write_atomically(path: Path, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> Path:
+def check_export_target(path: Path, overwrite: bool) -> None:
+    """Refuse to export over anything but an empty or absent directory, unless `overwrite`; never over a run."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"export target {path} exists and is not a directory")
+    if (path / RUN_FILE).exists():
+        raise FileExistsError(f"export target {path} holds a continual run ({RUN_FILE}); choose another directory")
+    if any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"export target {path} is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
+def _write_atomically(path: Path, config: LoraConfig, tensors: dict[str, torch.Tensor], overwrite: bool) -> Path:
+    check_export_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -85,9 +103,14 @@ def _write_atomically(path: Path, config: LoraConfig, tensors: dict[str, torch.T
         save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(staging / "adapter_config.json") as f:
             json.load(f)  # fail here, not in the consumer, if the config did not serialise
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
+        with_default_mode(staging)
+        if path.exists():  # moved aside, not deleted, until the new adapter is in place
+            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, aside / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -51,6 +51,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from torch import nn
 
+from .continual.checkpoint import with_default_mode
 from .continual.metrics import METRIC_NAMES, compute_all
 from .continual.report import (
     MISSING,
@@ -63,7 +64,7 @@ from .continual.report import (
     write_report,
 )
 from .continual.runner import data_fingerprint
-from .export import export_lora
+from .export import check_export_target, export_lora
 from .subspace import squared_singular_values
 from .tuner.layer import layer_state
 from .tuner.model import STATE_KEY, keeplora_layers, tuner_of
@@ -513,7 +514,7 @@ def _stage(
     """Every file of the state after task `index`, as path in the repo -> local file (run files are only read)."""
     staging.mkdir(parents=True)
     files: dict[str, Path] = {name: info.adapters[index] / name for name in ADAPTER_FILES}
-    _export_after(model, index, staging / PLAIN_LORA_DIR)
+    _export_after(model, index, staging / PLAIN_LORA_DIR, overwrite=False)
     for file in sorted((staging / PLAIN_LORA_DIR).iterdir()):
         files[f"{PLAIN_LORA_DIR}/{file.name}"] = file
     files[RUN_FILE] = info.root / RUN_FILE
@@ -610,6 +611,7 @@ def seed_run_dir(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".seed-{out.name}.", dir=out.parent))
     try:
+        with_default_mode(staging)
         _write_json(staging / RUN_FILE, config)
         for index in range(0, info.learned + 1):
             row = copy.deepcopy(info.rows[index])
@@ -640,17 +642,23 @@ def export_run(
     base_model: nn.Module | str | os.PathLike | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the plain LoRA of the first `after_task` tasks (default: all learned), rank `after_task * r`.
 
     Rebuilt from the adapter after that task when the run keeps it; otherwise from the last adapter, whose state
-    holds every finished task's update exactly, keeping only the first `after_task` of them.
+    holds every finished task's update exactly, keeping only the first `after_task` of them. `out` must not be the
+    run, inside it or hold it; an `out` that is not empty is refused unless `overwrite`.
     """
     info = open_run(run_or_repo, revision=revision, token=token)
+    target, run = Path(out).resolve(), info.root.resolve()
+    if target == run or run in target.parents or target in run.parents:
+        raise ValueError(f"export target {out} is the run {info.source}, inside it or around it; choose another directory")
+    check_export_target(target, overwrite)  # before the model is rebuilt, which may take minutes
     index = _checked_task(info, after_task)
     source = index if index in info.adapters else info.learned
     model = load_run(info, base_model, after_task=source, is_trainable=False)
-    return _export_after(model, index, Path(out))
+    return _export_after(model, index, Path(out), overwrite)
 
 
 # -- validation helpers ------------------------------------------------------------------------------------------
@@ -922,16 +930,16 @@ def _first_tasks(model: nn.Module, count: int) -> Iterator[None]:
             state.merged_tasks = merged
 
 
-def _export_after(model: PeftModel, index: int, out: Path) -> Path:
+def _export_after(model: PeftModel, index: int, out: Path, overwrite: bool) -> Path:
     """`export_lora` of the first `index` finished tasks: exact, since each task's update is stored on its own."""
     tuner = tuner_of(model)
     progress = tuner.progress(tuner.keeplora_adapter())
     if index == progress.task_index:
-        return export_lora(model, out)
+        return export_lora(model, out, overwrite=overwrite)
     if index > progress.task_index or progress.in_task:
         raise ValueError(f"cannot export the first {index} tasks of a model that has learned {progress.task_index}")
     with _first_tasks(model, index):
-        return export_lora(model, out)
+        return export_lora(model, out, overwrite=overwrite)
 
 
 # -- card and results helpers ------------------------------------------------------------------------------------

@@ -193,12 +193,22 @@ def _gradient_directions(
         subspace = states[name].subspace()
         if config.gradient_estimator == "exact":
             gradient = all_reduce_sum_(gradients.pop(name))  # the mean's scale does not move singular vectors
+            _check_finite(gradient, name, "gradient")
             directions[name] = residual_directions(gradient, subspace, rank)
         else:
             sketch = sketches.pop(name)
             all_reduce_sum_(sketch.sketch)
+            _check_finite(sketch.sketch, name, "gradient sketch")
             directions[name] = sketch.residual_directions(subspace, rank)
     return directions
+
+
+def _check_finite(statistic: torch.Tensor, name: str, what: str) -> None:
+    if not torch.isfinite(statistic).all():
+        raise ValueError(
+            f"the {what} of {name} holds NaN/inf: the task's inputs or activations are not finite there (check the "
+            "data and the model's dtype range). Nothing was changed."
+        )
 
 
 def _seed(task_index: int, layer_index: int) -> int:
@@ -237,10 +247,14 @@ def end_task(
     network = getattr(model, "module", model)
     dtype = state_torch_dtype(config)
     merge = {name: _merges(config, module, name) for name, module in layers.items()}  # refused before any change
+    if config.train_lora_A:
+        _check_lora_A_in_residual(layers, adapter)
 
     new_directions: dict[str, torch.Tensor] = {}
     if config.feature_energy > 0:  # with no memory to keep (plain sequential LoRA), skip the data pass
         covariances = _task_feature_covariances(network, layers, dataloader, config, max_batches, loss_fn)
+        for name, covariance in covariances.items():
+            _check_finite(covariance, name, "feature covariance")
         for index, (name, module) in enumerate(layers.items()):
             new_directions[name] = memory_directions(
                 covariances[name],
@@ -295,6 +309,20 @@ def _task_feature_covariances(
         if owner == name:
             all_reduce_sum_(stats[name].covariance)
     return {name: stats[owner].covariance for name, owner in owners.items()}
+
+
+def _check_lora_A_in_residual(layers: dict[str, LoraLayer], adapter: str) -> None:
+    """A trained `A` must have been re-projected after every step; refuse to keep a task whose `A` left the residual."""
+    for name, module in layers.items():
+        lora_A = module.lora_A[adapter].weight.detach().float()
+        inside = layer_state(module, adapter).subspace().project_onto(lora_A).norm()
+        if inside > 1e-4 * lora_A.norm():
+            raise RuntimeError(
+                f"lora_A of {name} left its residual subspace (|A P| / |A| = {float(inside / lora_A.norm()):.2g}): with "
+                "train_lora_A=True every optimizer step must re-project it. Call "
+                "keeplora_hf.attach_residual_projection(optimizer, model) once in a custom loop (KeepLoRATrainer and "
+                "KeepLoRACallback do it). The task is still under way and nothing was changed."
+            )
 
 
 def _merges(config: KeepLoRAConfig, module: LoraLayer, name: str) -> bool:

@@ -97,7 +97,14 @@ def _backward_each(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, de
     device = _model_device(model)
     count = 0
     for batch in tqdm(batches, desc=description, leave=False, disable=not _is_main_process()):
-        loss_fn(model, move_to(batch, device)).backward()
+        loss = loss_fn(model, move_to(batch, device))
+        if not torch.isfinite(loss.detach()).all():
+            raise ValueError(
+                f"{description}: batch {count} gives a non-finite loss ({float(loss.detach().float().mean())}): every "
+                "label of the batch may be -100 (nothing supervised: check the collator's masking), or its inputs "
+                "hold NaN/inf. Nothing was changed."
+            )
+        loss.backward()
         count += 1
     return count
 

@@ -24,6 +24,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while writing
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}.", dir=final.parent))
     try:
+        with_default_mode(staging)
         yield staging
         _fsync_tree(staging)
         if final.exists():
@@ -43,6 +44,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        with_default_mode(Path(temporary))
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -66,6 +68,14 @@ def complete_trainer_checkpoint(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def with_default_mode(path: Path) -> None:
+    """Give a temporary file or directory the mode a plain `open()` / `mkdir()` would have (0666 / 0777 less the
+    umask): `mkstemp` / `mkdtemp` create them private (0600 / 0700), so shared results would be unreadable to others."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -149,6 +150,24 @@ class KeepLoRAConfig(LoraConfig):
     )
 
     def __post_init__(self) -> None:
+        # checked first: LoraConfig's own checks fail on these with a raw TypeError
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or not (
+            math.isfinite(self.lora_alpha) and self.lora_alpha > 0
+        ):
+            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported by KeepLoRA: initialisations such as "
+                "PiSSA, OLoRA, CorDA, EVA or LoftQ rewrite the base weights the protected subspace is computed from "
+                "(and begin_task chooses A itself). Use True."
+            )
+        if self.bias != "none":
+            raise ValueError(
+                f"bias={self.bias!r} is not supported by KeepLoRA: trained biases would change the model outside the "
+                "protected-subspace guarantee. Use 'none'."
+            )
         super().__post_init__()
         self.peft_type = KEEPLORA_PEFT_TYPE
         _check_range("principal_energy", self.principal_energy, 0.0, 1.0, "[0, 1]", low_open=False)
@@ -174,8 +193,6 @@ class KeepLoRAConfig(LoraConfig):
             raise ValueError(f"keep_principal_basis must be a bool, got {self.keep_principal_basis!r}")
         if not isinstance(self.train_lora_A, bool):
             raise ValueError(f"train_lora_A must be a bool, got {self.train_lora_A!r}")
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
         unsupported = {
             "use_dora": self.use_dora,
             "lora_bias": self.lora_bias,
@@ -196,7 +213,7 @@ def state_torch_dtype(config: KeepLoRAConfig) -> torch.dtype:
 
 
 def _check_range(name: str, value: float, low: float, high: float, shown: str, *, low_open: bool) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise ValueError(f"{name} must be a number in {shown}, got {value!r}")
     too_low = value <= low if low_open else value < low
     if too_low or value > high:

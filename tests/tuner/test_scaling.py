@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from keeplora_hf import KeepLoRAConfig, begin_task, end_task, protected_basis
+from keeplora_hf import KeepLoRAConfig, attach_residual_projection, begin_task, end_task, protected_basis
 from keeplora_hf.models import build_tiny
 from keeplora_hf.statistics import default_loss, input_feature_pass, output_gradient_pass, weight_gradient_pass
 from keeplora_hf.subspace import principal_basis, squared_singular_values
@@ -297,6 +297,7 @@ def test_training_with_the_default_config_never_recomputes_the_principal_basis(t
     for task in (batches[:2], batches[1:]):
         begin_task(model, task)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+        attach_residual_projection(optimizer, model)  # a trained A must be re-projected (end_task refuses otherwise)
         for batch in task:
             model(**batch).loss.backward()
             optimizer.step()

@@ -1,0 +1,143 @@
+"""Bad input and misuse get a clear error that names the problem, and nothing already learned or saved is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from keeplora_hf import KeepLoRAConfig, begin_task, end_task, export_lora
+from keeplora_hf.continual.checkpoint import atomic_directory, atomic_write_json
+from keeplora_hf.models import build_tiny
+
+
+def _model(**overrides):
+    tiny = build_tiny("llava")
+    settings = dict(r=4, lora_alpha=8, target_modules=tiny.language_targets, gradient_data_ratio=1.0)
+    model = get_peft_model(tiny.model, KeepLoRAConfig(**{**settings, **overrides}))
+    return model, [tiny.make_batch(2, seed) for seed in range(2)]
+
+
+def _learn(model, batches, steps: int = 2) -> torch.optim.Optimizer:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for step in range(steps):
+        model(**batches[step % len(batches)]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+# -- configs that would break the method ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("init_lora_weights", "pissa", "init_lora_weights='pissa' is not supported"),
+        ("init_lora_weights", "olora", "init_lora_weights='olora' is not supported"),
+        ("bias", "all", "bias='all' is not supported"),
+        ("principal_energy", float("nan"), "principal_energy must be a number"),
+        ("feature_energy", float("nan"), "feature_energy must be a number"),
+        ("lora_alpha", -8, "lora_alpha must be a positive number"),
+        ("lora_alpha", "x", "lora_alpha must be a positive number"),
+        ("r", True, "r must be a positive integer"),
+    ],
+)
+def test_configs_that_break_the_method_are_refused_by_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        KeepLoRAConfig(target_modules=["q_proj"], **{field: value})
+
+
+# -- misuse of the lifecycle --------------------------------------------------------------------------------------
+
+
+def test_a_trained_A_that_was_never_reprojected_is_refused_at_end_task():
+    model, batches = _model(train_lora_A=True)
+    begin_task(model, batches)
+    _learn(model, batches)  # a custom loop without attach_residual_projection
+    with pytest.raises(RuntimeError, match="left its residual subspace.*attach_residual_projection"):
+        end_task(model, batches)
+    progress = model.base_model.progress("default")
+    assert progress.in_task and progress.task_index == 0  # nothing was finished
+
+
+def test_unsupervised_batches_are_refused_before_anything_changes():
+    model, batches = _model()
+    for batch in batches:
+        batch["labels"] = torch.full_like(batch["labels"], -100)
+    with pytest.raises(ValueError, match="non-finite loss.*-100"):
+        begin_task(model, batches)
+    assert not model.base_model.progress("default").in_task
+    assert all(not m.keeplora_state["default"].initialised for m in model.modules() if hasattr(m, "keeplora_state"))
+
+
+def test_non_finite_inputs_at_end_task_name_the_cause_and_keep_the_state():
+    model, batches = _model()
+    begin_task(model, batches)
+    _learn(model, batches)
+    poisoned = [{**b, "pixel_values": torch.full_like(b["pixel_values"], float("nan"))} for b in batches]
+    with pytest.raises(ValueError, match="NaN/inf"):
+        end_task(model, poisoned)
+    assert model.base_model.progress("default").in_task
+    end_task(model, batches)  # the task can still be finished with good data
+    assert model.base_model.progress("default").task_index == 1
+
+
+# -- the export never destroys anything --------------------------------------------------------------------------
+
+
+def test_export_refuses_a_non_empty_target_and_never_replaces_a_run(tmp_path):
+    model, batches = _model()
+    begin_task(model, batches)
+    _learn(model, batches)
+    end_task(model, batches)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_lora(model, target)
+    assert (target / "notes.txt").read_text() == "mine"
+    export_lora(model, target, overwrite=True)
+    assert (target / "adapter_model.safetensors").is_file() and not (target / "notes.txt").exists()
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="holds a continual run"):
+        export_lora(model, run, overwrite=True)
+    assert (run / "run.json").read_text() == "{}"
+
+
+def test_export_run_refuses_to_write_into_the_run_it_reads(tmp_path, monkeypatch):
+    from keeplora_hf import hub
+
+    class Info:
+        root = tmp_path / "run"
+        source = "runs/x"
+
+    Info.root.mkdir()
+    monkeypatch.setattr(hub, "open_run", lambda *a, **k: Info)
+    for out in (Info.root, Info.root / "export", tmp_path):
+        with pytest.raises(ValueError, match="is the run"):
+            hub.export_run(Info.root, out)
+    assert Info.root.is_dir()
+
+
+# -- written files can be read by the other users of a shared machine -------------------------------------------
+
+
+def test_atomic_writes_get_the_default_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "results.json", {"a": 1})
+        with atomic_directory(tmp_path / "adapter") as staging:
+            (staging / "file").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o755
+    assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}
