@@ -31,6 +31,7 @@ from .tuner.layer import (
     merged_delta,
     merges_exactly,
     set_layer_state,
+    weight_fingerprint,
 )
 from .tuner.model import LAYER_CACHE_ATTR, KeepLoRAModel, TaskProgress, keeplora_layers, tuner_of
 
@@ -96,12 +97,14 @@ def begin_task(
     for name, module in layers.items():
         state = layer_state(module, adapter)
         if not state.initialised:
+            weight = base_weight(module)
             principal, energies = principal_basis(
-                base_weight(module), config.principal_energy, solver=config.principal_solver, return_energies=True
+                weight, config.principal_energy, solver=config.principal_solver, return_energies=True
             )
             state = KeepLoRALayerState(
                 principal.to(dtype), principal.new_zeros(principal.shape[0], 0).to(dtype), principal_energies=energies
             )
+            state.fingerprint = weight_fingerprint(weight)
             fresh.add(name)
         state.bind(module, config.principal_solver)
         states[name] = state

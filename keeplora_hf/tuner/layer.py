@@ -66,6 +66,27 @@ def base_weight(module: nn.Module) -> torch.Tensor:
 _PROBE_BLOCK = 1024
 
 
+#: fixed random directions whose images under the pre-trained weight identify it (see `weight_fingerprint`)
+FINGERPRINT_PROBES = 2
+#: relative gap between fingerprints accepted as the same weights: a cast to bfloat16 moves them by ~2e-3, another
+#: model of the same shapes by ~1.4 (random weights) or more
+FINGERPRINT_TOLERANCE = 2e-2
+
+
+def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    """`W g` (`d_out x 2`, float32) for two fixed Gaussian directions `g`: cheap, stable under a dtype cast of the same
+    weights, and different for any other weight of the same shape."""
+    generator = torch.Generator().manual_seed(weight.shape[1])
+    probes = torch.randn(weight.shape[1], FINGERPRINT_PROBES, generator=generator).to(weight.device)
+    return weight.float() @ probes
+
+
+def fingerprint_gap(saved: torch.Tensor, weight: torch.Tensor) -> float:
+    """Relative distance between a saved fingerprint and that of `weight`."""
+    actual = weight_fingerprint(weight).to(saved.device)
+    return float((actual - saved.float()).norm() / saved.float().norm().clamp_min(1e-30))
+
+
 def merges_exactly(module: nn.Module) -> bool:
     """Whether a float32 update can be added into this layer's base weight without losing it to rounding."""
     weight = module.get_base_layer().weight
@@ -115,6 +136,7 @@ class KeepLoRALayerState(nn.Module):
             ("principal_energies", principal_energies),
             ("finished_A", None),
             ("finished_B", None),
+            ("fingerprint", None),
         ):
             self.register_buffer(name, value, persistent=False)
         self._task_ranks: list[int] = []
@@ -326,9 +348,13 @@ class KeepLoRALayerState(nn.Module):
         basis = orthonormalize(complement.project_onto(basis.T.to(torch.float64)).T)
         return basis.to(self.complement.dtype)
 
-    def _original_weight(self) -> torch.Tensor:
+    def original_weight(self, module: LoraLayer | None = None) -> torch.Tensor:
+        """The layer's pre-trained weight in float32: its base weight minus the tasks merged into it."""
+        return self._original_weight(module)
+
+    def _original_weight(self, module: LoraLayer | None = None) -> torch.Tensor:
         """The layer's pre-trained weight in float32: its base weight minus the merged tasks."""
-        module = self._origin[0]() if self._origin is not None else None
+        module = module if module is not None else self._origin[0]() if self._origin is not None else None
         if module is None:
             raise RuntimeError(
                 "this layer state stores the complement of its protected subspace and is not attached to its layer, so "

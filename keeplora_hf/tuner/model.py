@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 
 import torch
@@ -9,12 +11,14 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
 from .layer import (
+    FINGERPRINT_TOLERANCE,
     FinishedTask,
     KeepLoRALayerState,
     apply_delta_,
     has_layer_state,
     layer_scales,
     layer_state,
+    fingerprint_gap,
     set_layer_state,
 )
 from .registration import KEEPLORA_PEFT_TYPE
@@ -148,14 +152,33 @@ def continual_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch
         elif state.memory is not None:
             tensors[f"{prefix}.memory"] = state.memory.detach().cpu().contiguous()
         tensors[f"{prefix}.merged_tasks"] = torch.tensor([state.merged_tasks], dtype=torch.int64)
+        if state.fingerprint is not None:
+            tensors[f"{prefix}.fingerprint"] = state.fingerprint.detach().cpu().contiguous()
         for t, task in enumerate(state.tasks):
             tensors[f"{prefix}.task{t}.lora_A"] = task.lora_A.detach().cpu().contiguous()
             tensors[f"{prefix}.task{t}.lora_B"] = task.lora_B.detach().cpu().contiguous()
             tensors[f"{prefix}.task{t}.scaling"] = torch.tensor([task.scaling], dtype=torch.float64)
+    tensors[f"{STATE_KEY}.checksum"] = state_checksum(tensors)
     return tensors
 
 
-_LAYER_KEY = re.compile(rf"^(?P<layer>.+)\.{STATE_KEY}\.(?P<field>principal|memory|complement|merged_tasks|task(?P<task>\d+)\.(?P<part>lora_A|lora_B|scaling))$")
+def state_checksum(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SHA-256 of every KeepLoRA state tensor among `tensors` (key, dtype, shape and bytes, in key order), as 32
+    uint8 values."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in tensors if STATE_KEY in k and not k.endswith(f"{STATE_KEY}.checksum")):
+        value = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8).clone()
+
+
+def trust_base() -> bool:
+    """`KEEPLORA_TRUST_BASE=1` loads an adapter onto a base whose weights do not match the ones it was trained on."""
+    return os.environ.get("KEEPLORA_TRUST_BASE", "") not in ("", "0", "false", "False")
+
+
+_LAYER_KEY = re.compile(rf"^(?P<layer>.+)\.{STATE_KEY}\.(?P<field>principal|memory|complement|merged_tasks|fingerprint|task(?P<task>\d+)\.(?P<part>lora_A|lora_B|scaling))$")
 
 
 def load_continual_state(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -165,7 +188,16 @@ def load_continual_state(model: nn.Module, adapter_name: str, tensors: dict[str,
     it was.
     """
     if not tensors:
-        return
+        raise ValueError(
+            "the saved adapter holds no KeepLoRA state (no keeplora_state entries): it was stripped or is not a KEEPLORA "
+            "adapter; loading it would give the untrained base with task index 0"
+        )
+    checksum = next((v for k, v in tensors.items() if k.endswith(f"{STATE_KEY}.checksum")), None)
+    if checksum is not None and not torch.equal(checksum.cpu(), state_checksum(tensors)):
+        raise ValueError(
+            "the saved KeepLoRA state fails its checksum: the adapter file was modified or corrupted after it was "
+            "written (a flipped byte, an edited task_index, removed entries); load an intact copy"
+        )
     tuner = tuner_of(model)
     config = tuner.peft_config[adapter_name]
     layers = keeplora_layers(model, adapter_name)
@@ -177,6 +209,8 @@ def load_continual_state(model: nn.Module, adapter_name: str, tensors: dict[str,
             continue
         if key.endswith(f"{STATE_KEY}.in_task"):
             in_task = bool(value.item())
+            continue
+        if key.endswith(f"{STATE_KEY}.checksum"):
             continue
         match = _LAYER_KEY.match(key)
         if match is None:
@@ -191,6 +225,16 @@ def load_continual_state(model: nn.Module, adapter_name: str, tensors: dict[str,
     new_states = {name: _parse_layer_state(name, m, by_layer.get(name, {}), task_index) for name, m in layers.items()}
     for name, module in layers.items():
         current = layer_state(module, adapter_name)
+        saved = new_states[name].fingerprint
+        if saved is not None and not trust_base():
+            gap = fingerprint_gap(saved, current.original_weight(module))
+            if gap > FINGERPRINT_TOLERANCE:
+                raise ValueError(
+                    f"the base model is not the one this adapter was trained on: the pre-trained weight of {name} "
+                    f"differs from the saved fingerprint by {gap:.2g} of its norm (a dtype cast of the same weights "
+                    f"stays below {FINGERPRINT_TOLERANCE}). Load it onto the same base model, or set "
+                    "KEEPLORA_TRUST_BASE=1 to load anyway"
+                )
         held = current.tasks
         if held and not _same_history(held, new_states[name].tasks[: len(held)]):
             raise ValueError(
@@ -272,6 +316,13 @@ def _parse_layer_state(name: str, module: LoraLayer, fields: dict[str, torch.Ten
     if not 0 <= merged <= task_index:
         raise ValueError(f"saved KeepLoRA state of {name} has {merged} merged tasks out of {task_index}; the file is corrupt")
     state.merged_tasks = merged
+    state.fingerprint = fields.get("fingerprint")
+    beyond = sorted(k for k in fields if k.startswith("task") and int(k[4:].split(".")[0]) >= task_index)
+    if beyond:
+        raise ValueError(
+            f"saved KeepLoRA state of {name} holds {beyond[0]} but task_index says only {task_index} tasks are finished; "
+            "the file is corrupt"
+        )
     if task_index > 0 and not state.initialised:
         raise ValueError(f"saved KeepLoRA state of {name} lacks its principal basis after {task_index} tasks")
     return state

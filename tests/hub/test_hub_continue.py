@@ -160,6 +160,8 @@ def assert_same_continuation(out: Path, results: dict, uninterrupted) -> None:
     b = load_file(reference_dir / "tasks" / "003_rule2" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:  # the learned updates, bases and memory bit for bit; state derived from them to rounding
+        if key.endswith("keeplora_state.checksum"):
+            continue  # a digest of the other entries, verified when each file loads
         if EXACT_STATE.search(key):
             assert torch.equal(a[key], b[key]), key
         else:

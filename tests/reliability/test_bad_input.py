@@ -141,3 +141,73 @@ def test_atomic_writes_get_the_default_mode(tmp_path):
     assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o755
     assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}
+
+
+# -- every load path checks the base model and the state's integrity --------------------------------------------
+
+
+def _saved(tmp_path):
+    model, batches = _model()
+    begin_task(model, batches)
+    _learn(model, batches)
+    end_task(model, batches)
+    model.save_pretrained(tmp_path)
+    return tmp_path / "adapter_model.safetensors", batches
+
+
+def _load(path, base=None):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base if base is not None else build_tiny("llava").model, path.parent)
+
+
+def test_a_different_base_model_is_refused_naming_the_layer(tmp_path, monkeypatch):
+    path, _ = _saved(tmp_path)
+    other = build_tiny("llava", seed=1).model
+    with pytest.raises(ValueError, match=r"not the one this adapter was trained on: the pre-trained weight of .*layers\.0"):
+        _load(path, other)
+    monkeypatch.setenv("KEEPLORA_TRUST_BASE", "1")  # the opt-out for users who know
+    _load(path, build_tiny("llava", seed=1).model)
+
+
+def test_the_same_base_cast_to_bfloat16_is_accepted(tmp_path):
+    path, batches = _saved(tmp_path)
+    reloaded = _load(path, build_tiny("llava").model.to(torch.bfloat16))
+    assert reloaded.base_model.progress("default").task_index == 1
+
+
+def _edit(path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize(
+    ("case", "change", "message"),
+    [
+        ("stripped", lambda t: [t.pop(k) for k in [k for k in t if "keeplora_state" in k]], "holds no KeepLoRA state"),
+        ("task_index_edited", lambda t: t.__setitem__("keeplora_state.task_index", torch.tensor([0])), "checksum"),
+        ("flipped_bytes", lambda t: next(v for k, v in t.items() if k.endswith("task0.lora_B")).view(torch.uint8)[3].bitwise_not_(), "checksum"),
+    ],
+)
+def test_a_tampered_state_is_refused(tmp_path, case, change, message):
+    path, _ = _saved(tmp_path)
+    _edit(path, change)
+    with pytest.raises(ValueError, match=message):
+        _load(path)
+
+
+def test_a_state_listing_tasks_beyond_its_task_index_is_refused(tmp_path):
+    from keeplora_hf.tuner.model import state_checksum
+
+    path, _ = _saved(tmp_path)
+
+    def lower_index(tensors):
+        tensors["keeplora_state.task_index"] = torch.tensor([0])
+        tensors["keeplora_state.checksum"] = state_checksum(tensors)  # crafted consistently, not corrupted
+
+    _edit(path, lower_index)
+    with pytest.raises(ValueError, match="the file is corrupt"):
+        _load(path)

@@ -6,6 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from keeplora_hf.tuner.model import state_checksum
+
 from keeplora_hf import KeepLoRAConfig, begin_task, end_task, protected_basis
 from keeplora_hf.models import build_tiny
 from peft import PeftModel, get_peft_model
@@ -82,6 +84,7 @@ def test_mismatched_saved_state_is_refused_before_touching_the_base(tmp_path):
     tensors = load_file(path)
     key = next(k for k in tensors if k.endswith("keeplora_state.task0.lora_A"))
     tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)
+    tensors["keeplora_state.checksum"] = state_checksum(tensors)  # a crafted file, not a corrupted one
     save_file(tensors, path)
 
     base = build_tiny("llava").model

@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from keeplora_hf.tuner.model import state_checksum
+
 from keeplora_hf import KeepLoRAConfig, attach_residual_projection, begin_task, end_task, protected_basis
 from keeplora_hf.models import build_tiny
 from keeplora_hf.statistics import default_loss, input_feature_pass, output_gradient_pass, weight_gradient_pass
@@ -168,6 +170,7 @@ def test_adapters_saved_with_the_full_memory_basis_still_load(tmp_path):
             tensors[f"{key}.memory"] = module.keeplora_state["default"].memory.contiguous()
             converted += 1
     assert converted
+    tensors["keeplora_state.checksum"] = state_checksum(tensors)  # a crafted file, not a corrupted one
     save_file(tensors, path)
     reloaded = PeftModel.from_pretrained(build_tiny("llava").model, tmp_path, is_trainable=True)
     for m in (model, reloaded):
@@ -182,6 +185,7 @@ def test_adapters_saved_with_the_full_memory_basis_still_load(tmp_path):
     tensors = load_file(path)
     key = next(k for k in tensors if k.endswith("keeplora_state.memory"))
     tensors[key.removesuffix("memory") + "complement"] = tensors[key][:, :1].clone()
+    tensors["keeplora_state.checksum"] = state_checksum(tensors)  # a crafted file, not a corrupted one
     save_file(tensors, path)
     with pytest.raises(ValueError, match="both a memory and a complement"):
         PeftModel.from_pretrained(build_tiny("llava").model, tmp_path)
@@ -313,7 +317,8 @@ def test_training_with_the_default_config_never_recomputes_the_principal_basis(t
     assert reloaded.base_model.progress("default").task_index == 3
 
 
-def test_a_wrong_base_model_is_caught_when_the_principal_basis_is_recomputed(tmp_path):
+def test_a_wrong_base_model_is_caught_when_the_principal_basis_is_recomputed(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEEPLORA_TRUST_BASE", "1")  # past the load-time fingerprint check, to the deeper guard
     model, batches, _ = wrap("llava", keep_principal_basis=False)
     begin_task(model, batches)
     end_task(model, batches)
