@@ -48,7 +48,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 from peft import PeftModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .continual.checkpoint import with_default_mode
@@ -727,7 +727,7 @@ def _state_task_index(adapter: Path, where: str) -> int:
                     f"the adapter in {where} holds no KeepLoRA continual state ({key}): it was not saved by keeplora_hf"
                 )
             return int(f.get_tensor(names[0]).item())
-    except (OSError, RuntimeError) as error:  # safetensors reports a truncated or corrupt file this way
+    except (OSError, RuntimeError, SafetensorError) as error:  # how safetensors reports a truncated or corrupt file
         file = adapter / ADAPTER_FILES[1]
         raise ValueError(f"cannot read {file} ({error}): the file is incomplete or corrupt") from None
 
@@ -736,8 +736,8 @@ def _read_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}): the file is incomplete or corrupt") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid UTF-8 JSON ({error}): the file is incomplete or corrupt") from None
 
 
 def _write_json(path: Path, payload: Any) -> None:

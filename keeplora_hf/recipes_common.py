@@ -55,7 +55,7 @@ from .data.video import write_video
 from .statistics import move_to
 from .subspace import principal_basis
 from .tuner.config import KeepLoRAConfig
-from .tuner.layer import base_weight, layer_state
+from .tuner.layer import base_weight, layer_state, weight_fingerprint
 from .tuner.model import keeplora_layers, tuner_of
 
 logger = logging.getLogger(__name__)
@@ -504,7 +504,9 @@ def seed_principal_energy(model: PeftModel, pattern: dict[str, float]) -> list[s
         state = layer_state(module, adapter)
         if energy is None or state.initialised:  # (never `state.principal`: a complement-only state recomputes it)
             continue
-        principal, energies = principal_basis(base_weight(module), energy, return_energies=True, **solver)
+        weight = base_weight(module)
+        principal, energies = principal_basis(weight, energy, return_energies=True, **solver)
+        state.fingerprint = weight_fingerprint(weight)
         state.principal = principal.to(dtype)
         state.memory = principal.new_zeros(principal.shape[0], 0).to(dtype)
         state.principal_energies = energies  # what the state keeps of the basis once it stores only the complement

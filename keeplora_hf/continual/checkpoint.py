@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +16,42 @@ from typing import IO, Any
 from transformers.trainer_callback import TrainerState
 
 STAGING_PREFIX = ".staging-"
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """An advisory lock (`flock`) on a run directory's `.lock`, held while one runner works in it.
+
+    The kernel drops it when its process ends, even by `kill -9`, so a resumed run never finds a stale lock.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.run_dir / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RuntimeError(
+                f"{self.run_dir} is in use by another runner ({holder}): wait for it to finish, or choose another "
+                "output directory"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
 
 
 @contextlib.contextmanager

@@ -25,7 +25,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..callback import KeepLoRACallback
 from ..trainer import KeepLoRATrainer
 from ..tuner.model import KeepLoRAModel
-from .checkpoint import atomic_directory, atomic_write_json, complete_trainer_checkpoint, read_json
+from .checkpoint import (
+    LOCK_FILE,
+    RunLock,
+    atomic_directory,
+    atomic_write_json,
+    complete_trainer_checkpoint,
+    read_json,
+)
 from .metrics import compute_all
 from .report import terminal_summary, write_report
 
@@ -112,12 +119,21 @@ class ContinualRunner:
         self.run_config = self._describe(run_config or {})
         if continue_from is not None:
             self._seed(continue_from)
+        self._lock = RunLock(self.output_dir)
+        if self.state.is_main_process:
+            self._lock.acquire()  # released at the end of run(), or when this process ends
         self._claim_output_dir(overwrite)
 
     # -- public -----------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         """Learn every task not yet learned, evaluate after each, and return (and write) the results."""
+        try:
+            return self._run()
+        finally:
+            self._lock.release()
+
+    def _run(self) -> dict[str, Any]:
         rows = self._resume()
         if 0 not in rows:
             rows[0] = self._evaluate_row(0, {})
@@ -258,12 +274,16 @@ class ContinualRunner:
                         "output directory"
                     )
                 replace = True
-        elif self.output_dir.exists() and any(self.output_dir.iterdir()) and not overwrite:
+        elif self.output_dir.exists() and any(p.name != LOCK_FILE for p in self.output_dir.iterdir()) and not overwrite:
             raise ValueError(f"{self.output_dir} is not empty and holds no KeepLoRA run; choose an empty directory")
         self.state.wait_for_everyone()  # every rank has judged the directory before the main process changes it
         if self.state.is_main_process:
-            if replace:
-                shutil.rmtree(self.output_dir)
+            if replace:  # everything but the lock this runner holds
+                for entry in self.output_dir.iterdir():
+                    if entry.is_dir():
+                        shutil.rmtree(entry)
+                    elif entry.name != LOCK_FILE:
+                        entry.unlink()
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if not run_file.exists():
                 atomic_write_json(run_file, self.run_config)

@@ -25,7 +25,7 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import nn
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
@@ -58,7 +58,7 @@ _MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "labels")
 
 
-def _blocks(content: str) -> list[dict[str, str]]:
+def content_blocks(content: str) -> list[dict[str, str]]:
     """Message text with `<image>`/`<video>` markers -> processor content blocks, order kept."""
     blocks = []
     for part in _MARKERS.split(content):
@@ -194,7 +194,7 @@ class VLMChatCollator:
         excluded), so it covers the answer and any end-of-turn token; EOS is inserted after answers whose
         rendering lacks it.
         """
-        conversation = [{"role": m["role"], "content": _blocks(m["content"])} for m in messages]
+        conversation = [{"role": m["role"], "content": content_blocks(m["content"])} for m in messages]
         if self.for_generation:
             if conversation and conversation[-1]["role"] == "assistant":
                 conversation = conversation[:-1]
@@ -234,7 +234,10 @@ class VLMChatCollator:
                     f"row {_row_id(row, position)}: {user_text.count(marker)} {marker} marker(s) but {len(items)} {key}"
                 )
             loaded.append(items)
-        images = [_load_image(i) for i in loaded[0]]
+        try:
+            images = [_load_image(i) for i in loaded[0]]
+        except (OSError, UnidentifiedImageError) as error:  # e.g. a truncated file whose header was fine
+            raise ValueError(f"row {_row_id(row, position)}: an image cannot be decoded ({error})") from error
         videos = [v if isinstance(v, np.ndarray) else read_frames(v, self.num_frames) for v in loaded[1]]
         return images, videos
 

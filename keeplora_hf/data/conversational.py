@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datasets
 
-from .formats import IMAGE_MARKER
+from .collators import content_blocks
 
 
 def to_conversational(dataset: datasets.Dataset) -> datasets.Dataset:
@@ -12,19 +12,7 @@ def to_conversational(dataset: datasets.Dataset) -> datasets.Dataset:
     format: each message's content a list of `{"type": "image"}` / `{"type": "text"}` blocks, `images` decoded."""
 
     def convert(row: dict) -> dict:
-        return {"messages": [{"role": m["role"], "content": _blocks(m["content"])} for m in row["messages"]]}
+        return {"messages": [{"role": m["role"], "content": content_blocks(m["content"])} for m in row["messages"]]}
 
     converted = dataset.map(convert, remove_columns=[c for c in dataset.column_names if c not in ("images",)])
     return converted.cast_column("images", datasets.Sequence(datasets.Image()))
-
-
-def _blocks(text: str) -> list[dict]:
-    """`"<image>\\nwhat colour"` -> `[{"type": "image"}, {"type": "text", "text": "what colour"}]`."""
-    blocks: list[dict] = []
-    for i, part in enumerate(text.split(IMAGE_MARKER)):
-        if i:
-            blocks.append({"type": "image"})
-        part = part.strip()
-        if part:
-            blocks.append({"type": "text", "text": part})
-    return blocks

@@ -91,7 +91,10 @@ def read_rows(path: Path) -> list[Any]:
     """A JSON list, or JSON Lines (`.jsonl`, or any file whose content is one object per line)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is accepted
+    except UnicodeDecodeError as error:
+        raise DataFormatError([f"{path}: not UTF-8 text ({error}); save the file as UTF-8"]) from None
     if path.suffix != ".jsonl":
         try:
             rows = json.loads(text)
@@ -110,6 +113,14 @@ def read_rows(path: Path) -> list[Any]:
             except json.JSONDecodeError as error:
                 raise DataFormatError([f"{path}: line {number} is not valid JSON ({error})"]) from error
     return rows
+
+
+def _outside(folder: Path, relative: str) -> str | None:
+    """Why a media path would leave its data folder (`..`, an absolute path, a link out), or None."""
+    root = folder.resolve()
+    if root == (folder / relative).resolve() or root in (folder / relative).resolve().parents:
+        return None
+    return f"media path {relative!r} leaves the data folder {str(folder)!r}: paths are relative to it"
 
 
 def _image_problem(path: Path) -> str | None:
@@ -228,8 +239,9 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike) ->
             messages, markers = parsed
             if markers != len(images):
                 problems.append(f"{markers} {IMAGE_MARKER} marker(s) in the human turns but {len(images)} image(s)")
+            escaping = [p for p in (_outside(folder, image) for image in images) if p]
             images = [(folder / image).resolve() for image in images]
-            problems += [p for p in map(_image_problem, images) if p]
+            problems += escaping or [p for p in map(_image_problem, images) if p]
         for problem in problems:
             checker.add(index, row, problem)
         if not problems:
@@ -293,8 +305,9 @@ def load_video_qa_json(path: str | os.PathLike, video_folder: str | os.PathLike)
             messages, markers = parsed
             if markers != len(videos):
                 problems.append(f"{markers} {VIDEO_MARKER} marker(s) in the human turns but {len(videos)} video(s)")
+        escaping = [p for p in (_outside(folder, video) for video in videos) if p]
         videos = [(folder / video).resolve() for video in videos]
-        problems += [p for p in map(probe.problem, videos) if p]
+        problems += escaping or [p for p in map(probe.problem, videos) if p]
         for problem in problems:
             checker.add(index, row, problem)
         if not problems:
@@ -385,7 +398,8 @@ def load_classification(
             continue
         label = _class_index(row.get(label_column), names)
         image_path = (base / image).resolve()
-        problems = [p for p in (label if isinstance(label, str) else None, _image_problem(image_path)) if p]
+        problems = [p for p in (label if isinstance(label, str) else None, _outside(base, image)) if p]
+        problems = problems or [p for p in [_image_problem(image_path)] if p]
         for problem in problems:
             checker.add(index, row, problem)
         if not problems:
