@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -173,7 +174,17 @@ class ContinualRunner:
         if checkpoint is not None:
             logger.info("task %s: resuming from the Trainer checkpoint %s", task.name, checkpoint)
         start = time.perf_counter()
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except (OSError, RuntimeError) as error:
+            # torch.save reports a full disk as "enforce fail at inline_container.cc"; say what it is and where
+            if not (isinstance(error, OSError) and error.errno == errno.ENOSPC) and "inline_container" not in str(error):
+                raise
+            raise OSError(
+                errno.ENOSPC,
+                f"writing a checkpoint under {trainer_dir} failed, most likely a full disk ({error}). Free space and "
+                "run the same command again: the run resumes from its last complete checkpoint",
+            ) from error
         train_s = time.perf_counter() - start
         start = time.perf_counter()
         if callback is not None:
