@@ -1,4 +1,4 @@
-"""One task's life under KeepLoRA++, in the order of ALGORITHM.md: begin (bases, gradient, A), train B, end (merge, memory)."""
+"""One task's life under KeepLoRA++, in the order of docs/method.md: begin (bases, gradient, A), train B, end (keep, memory)."""
 
 from __future__ import annotations
 

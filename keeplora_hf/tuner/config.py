@@ -26,7 +26,7 @@ class KeepLoRAConfig(LoraConfig):
 
     Everything `LoraConfig` offers for plain `nn.Linear` targets applies (rank, alpha, targets, dropout,
     `rank_pattern`, `alpha_pattern`, `modules_to_save`). The fields below add the continual-learning method of
-    `ALGORITHM.md`; variants that change what a LoRA layer computes (DoRA, LoRA biases, target parameters) are
+    `docs/method.md`; variants that change what a LoRA layer computes (DoRA, LoRA biases, target parameters) are
     refused because KeepLoRA++ keeps each finished task as exactly `s * B @ A` (merged or as a frozen branch).
     """
 
