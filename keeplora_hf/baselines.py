@@ -79,6 +79,10 @@ METHODS: dict[str, Method] = {
         Method("keeplora++ eps_w=0.9", "KeepLoRA++ with a larger principal subspace", _keeplora(principal_energy=0.9)),
         Method("keeplora++ eps_f=0.9", "KeepLoRA++ with a smaller feature memory", _keeplora(feature_energy=0.9)),
         Method("keeplora++ eps_f=0.999", "KeepLoRA++ with a larger feature memory", _keeplora(feature_energy=0.999)),
+        Method("keeplora++ memory=mean_gradient", "KeepLoRA++ with the reference LLaVA memory (mean-gradient input side)",
+               _keeplora(feature_source="mean_gradient")),
+        Method("keeplora++ memory=gradients", "KeepLoRA++ with the memory from per-batch gradient covariances",
+               _keeplora(feature_source="gradients")),
         Method("joint-lora", "one LoRA on all tasks at once (upper bound)", _lora, kind="joint"),
     )
 }

@@ -247,7 +247,6 @@ def end_task(
     progress = tuner.progress(adapter)
     if not progress.in_task:
         raise RuntimeError("end_task called before begin_task: there is no task under way to finish")
-    network = getattr(model, "module", model)
     dtype = state_torch_dtype(config)
     merge = {name: _merges(config, module, name) for name, module in layers.items()}  # refused before any change
     if config.train_lora_A:
@@ -255,7 +254,7 @@ def end_task(
 
     new_directions: dict[str, torch.Tensor] = {}
     if config.feature_energy > 0:  # with no memory to keep (plain sequential LoRA), skip the data pass
-        covariances = _task_feature_covariances(network, layers, dataloader, config, max_batches, loss_fn)
+        covariances = feature_covariances(model, dataloader, max_batches=max_batches, loss_fn=loss_fn)
         for name, covariance in covariances.items():
             _check_finite(covariance, name, "feature covariance")
         for index, (name, module) in enumerate(layers.items()):
@@ -276,28 +275,34 @@ def end_task(
     logger.info("KeepLoRA: finished task %d", progress.task_index)
 
 
-def _task_feature_covariances(
-    model: nn.Module,
-    layers: dict[str, LoraLayer],
-    dataloader: Iterable[Any],
-    config: KeepLoRAConfig,
-    max_batches: int | None,
-    loss_fn: LossFn,
+def feature_covariances(
+    model: nn.Module, dataloader: Iterable[Any], *, max_batches: int | None = None, loss_fn: LossFn = default_loss
 ) -> dict[str, torch.Tensor]:
+    """Each target's `d_in x d_in` feature statistic on the task's data, from which `end_task` grows the memory.
+
+    By `feature_source`: the second moment of the layer's inputs (`activations`); `G^T G` of the task's mean weight
+    gradient `G` at the model as it is (`mean_gradient`, sketched); or the sum of per-batch `G_b^T G_b` (`gradients`).
+    Summed across data-parallel ranks.
+    """
+    tuner, adapter, config, layers = _context(model)
+    network = getattr(model, "module", model)
+    task_index = tuner.progress(adapter).task_index
     # the reference solver keeps float64 statistics; the fast one float32 (half the time and memory)
     dtype = torch.float64 if config.memory_solver == "eigh" else torch.float32
+    batches = task_batches(dataloader, config.gradient_data_ratio, max_batches)
+    if config.feature_source == "mean_gradient":
+        return _mean_gradient_covariances(network, layers, batches, config, task_index, loss_fn, dtype)
     stats = {
         name: FeatureStatistics(m.get_base_layer().in_features, m.get_base_layer().weight.device, dtype=dtype)
         for name, m in layers.items()
     }
-    batches = task_batches(dataloader, config.gradient_data_ratio, max_batches)
     if config.feature_source == "activations":
         count, shared = input_feature_pass(
-            model, layers, batches, loss_fn, lambda name, x: stats[name].update(x), description="KeepLoRA feature memory"
+            network, layers, batches, loss_fn, lambda name, x: stats[name].update(x), description="KeepLoRA feature memory"
         )
     else:
         count = weight_gradient_pass(
-            model,
+            network,
             layers,
             batches,
             loss_fn,
@@ -312,6 +317,48 @@ def _task_feature_covariances(
         if owner == name:
             all_reduce_sum_(stats[name].covariance)
     return {name: stats[owner].covariance for name, owner in owners.items()}
+
+
+def _mean_gradient_covariances(
+    model: nn.Module,
+    layers: dict[str, LoraLayer],
+    batches: Iterable[Any],
+    config: KeepLoRAConfig,
+    task_index: int,
+    loss_fn: LossFn,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """`G^T G` of each target's mean weight gradient `G` (the reference LLaVA memory statistic), from hooks.
+
+    Each target accumulates the co-range sketch `X = Psi G` (`memory_sketch_rows x d_in`, `Psi` with orthonormal rows,
+    the identity once the rows reach `d_out`), so `X^T X = G^T Psi^T Psi G`: exactly `G^T G` when the sketch is exact,
+    otherwise its compression onto the sketch's rows, which keeps the top input-side directions of `G`.
+    """
+    sketches = {
+        name: GradientSketch(
+            m.get_base_layer().out_features,
+            m.get_base_layer().in_features,
+            config.memory_sketch_rows,
+            0,
+            seed=_seed(task_index, index) + _MEMORY_SEED_OFFSET,
+            device=m.get_base_layer().weight.device,
+        )
+        for index, (name, m) in enumerate(layers.items())
+    }
+    count = output_gradient_pass(
+        model, layers, batches, loss_fn, lambda name, x, g: sketches[name].update(x, g), description="KeepLoRA feature memory"
+    )
+    if count == 0:
+        raise ValueError("end_task: the dataloader yielded no batches")
+    covariances = {}
+    for name in layers:  # in module order: every rank must reduce the same tensors in the same order
+        sketch = all_reduce_sum_(sketches.pop(name).sketch).to(dtype)
+        covariances[name] = sketch.T @ sketch
+    return covariances
+
+
+#: keeps the memory sketch's random matrix apart from the gradient sketch's of the same task and layer
+_MEMORY_SEED_OFFSET = 500_009
 
 
 def _check_lora_A_in_residual(layers: dict[str, LoraLayer], adapter: str) -> None:

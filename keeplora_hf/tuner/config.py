@@ -11,7 +11,7 @@ from peft import LoraConfig
 
 from .registration import KEEPLORA_PEFT_TYPE
 
-FEATURE_SOURCES = ("activations", "gradients")
+FEATURE_SOURCES = ("activations", "gradients", "mean_gradient")
 LORA_A_INITS = ("residual_gradient", "random", "minor_singular")
 GRADIENT_ESTIMATORS = ("sketch", "exact")
 PRINCIPAL_SOLVERS = ("gram", "svd")
@@ -65,11 +65,21 @@ class KeepLoRAConfig(LoraConfig):
             "each optimizer step, which keeps it exact under AdamW."
         },
     )
-    feature_source: Literal["activations", "gradients"] = field(
+    feature_source: Literal["activations", "gradients", "mean_gradient"] = field(
         default="activations",
         metadata={
-            "help": "What the feature memory is built from: the layer's input activations (the reference CLIP code) or "
-            "the input side of the per-batch weight gradients (the reference LLaVA code)."
+            "help": "What the feature memory is built from: 'activations', the layer's input activations (the "
+            "reference CLIP code); 'mean_gradient', the input side of the task's mean weight gradient at the trained "
+            "model, G^T G (the reference LLaVA code), from a co-range sketch of G (`memory_sketch_rows`), never the "
+            "d_out x d_in gradient itself; 'gradients', the sum of per-batch gradient covariances (every target's "
+            "full gradient held at once)."
+        },
+    )
+    memory_sketch_rows: int = field(
+        default=512,
+        metadata={
+            "help": "Rows of the co-range sketch Psi G of the mean gradient for feature_source='mean_gradient' (a "
+            "positive integer): (rows x d_in) floats per target instead of d_out x d_in; exact once rows >= d_out."
         },
     )
 
@@ -189,6 +199,8 @@ class KeepLoRAConfig(LoraConfig):
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not isinstance(self.sketch_oversampling, int) or isinstance(self.sketch_oversampling, bool) or self.sketch_oversampling < 0:
             raise ValueError(f"sketch_oversampling must be a non-negative integer, got {self.sketch_oversampling!r}")
+        if not isinstance(self.memory_sketch_rows, int) or isinstance(self.memory_sketch_rows, bool) or self.memory_sketch_rows < 1:
+            raise ValueError(f"memory_sketch_rows must be a positive integer, got {self.memory_sketch_rows!r}")
         if not isinstance(self.keep_principal_basis, bool):
             raise ValueError(f"keep_principal_basis must be a bool, got {self.keep_principal_basis!r}")
         if not isinstance(self.train_lora_A, bool):
