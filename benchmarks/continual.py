@@ -21,9 +21,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--video", action="store_true")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--orders", type=int, default=1, help="task orders: the default one, then fixed permutations")
     args = parser.parse_args()
     run_demo(DemoSettings(output_dir=args.output_dir, methods=tuple(args.methods), seeds=tuple(range(args.seeds)),
-                          video=args.video, dtype=args.dtype))
+                          video=args.video, dtype=args.dtype, orders=args.orders))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,24 @@ def _demo(args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
             video=args.video,
             dtype=args.dtype,
+            orders=args.orders,
+            data_seed=args.data_seed,
+            **({"tasks": tuple(_task_order(args.task_order))} if args.task_order else {}),
         )
     )
+
+
+def _task_order(text: str) -> list[str]:
+    from .data.synthetic.tasks import IMAGE_TASKS
+
+    order = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in order if t not in IMAGE_TASKS]
+    if unknown or len(set(order)) != len(order) or not order:
+        raise SystemExit(
+            f"keeplora-hf demo: error: --task-order must list distinct image tasks from {', '.join(IMAGE_TASKS)}; got "
+            f"{text!r}" + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    return order
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -47,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--video", action="store_true", help="also run the video sequence on a tiny LLaVA-NeXT-Video")
     demo.add_argument("--model", default=None, help="a pre-trained demo model directory (default: the shipped one)")
     demo.add_argument("--overwrite", action="store_true", help="replace results of a run with other settings")
+    demo.add_argument("--task-order", default=None, metavar="A,B,...",
+                      help="the image tasks, comma-separated, in the order they are learned (default: the README's)")
+    demo.add_argument("--orders", type=int, default=1,
+                      help="also run N-1 fixed random permutations of the task order; the summary gives the spread")
+    demo.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic benchmark data")
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                       help="the base model's dtype (bfloat16: as 7B models are trained; the adapters stay float32)")
     demo.set_defaults(func=_demo)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ class DemoSettings:
     overwrite: bool = False
     data_seed: int = 0
     dtype: str = "float32"  # the base model's dtype, as users load it (bfloat16: finished tasks stay a float32 branch)
+    orders: int = 1  # task orders: `tasks` as given, then fixed random permutations of it (see `task_orders`)
 
 
 @dataclass
@@ -88,12 +89,23 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)} or 'all'")
     out = Path(settings.output_dir)
     data = _benchmark_data(out / "data", settings)
-    sequences = [_image_sequence(data, settings)] + ([_video_sequence(data, settings)] if settings.video else [])
+    orders = task_orders(settings.tasks, settings.orders)
+    runs = [(_order_name(k), replace(settings, tasks=order)) for k, order in enumerate(orders)]
+    sequences = [(_image_sequence(data, s, name), s) for name, s in runs]
+    if settings.video:
+        sequences.append((_video_sequence(data, settings), settings))
     summary: dict[str, Any] = {"settings": asdict(settings), "sequences": {}}
-    for sequence in sequences:
-        per_seed = {seed: _run_seed(sequence, settings, seed, out / sequence.name / f"seed{seed}") for seed in settings.seeds}
+    every_order: dict[tuple[int, int], dict[str, Any]] = {}
+    for k, (sequence, run_settings) in enumerate(sequences):
+        per_seed = {
+            seed: _run_seed(sequence, run_settings, seed, out / sequence.name / f"seed{seed}") for seed in settings.seeds
+        }
         summary["sequences"][sequence.name] = _summary(per_seed, settings)
+        if sequence.name.startswith("image"):
+            every_order.update({(k, seed): results for seed, results in per_seed.items()})
         print(terminal_summary(per_seed[settings.seeds[-1]]))
+    if len(orders) > 1:  # the spread over orders and seeds together
+        summary["sequences"][f"image, {len(orders)} orders"] = _summary(every_order, settings)
     atomic_write_json(out / "summary.json", to_jsonable(summary))
     (out / "summary.md").write_text(summary_markdown(summary))
     print(summary_markdown(summary))
@@ -112,13 +124,33 @@ def _run_seed(sequence: Sequence, settings: DemoSettings, seed: int, out: Path) 
     return results
 
 
-def _image_sequence(data: dict[str, Any], settings: DemoSettings) -> Sequence:
+def task_orders(tasks: tuple[str, ...], count: int) -> list[tuple[str, ...]]:
+    """`count` task orders: `tasks` itself, then permutations drawn from fixed seeds (1, 2, ...), all distinct."""
+    if count < 1:
+        raise ValueError(f"orders must be at least 1, got {count}")
+    orders = [tuple(tasks)]
+    seed = 0
+    while len(orders) < count:
+        seed += 1
+        candidate = tuple(tasks[i] for i in np.random.default_rng(seed).permutation(len(tasks)))
+        if candidate not in orders:
+            orders.append(candidate)
+        if seed > 1000:
+            raise ValueError(f"{len(tasks)} tasks have fewer than {count} distinct orders")
+    return orders
+
+
+def _order_name(index: int) -> str:
+    return "image" if index == 0 else f"image-order{index}"
+
+
+def _image_sequence(data: dict[str, Any], settings: DemoSettings, name: str = "image") -> Sequence:
     _, processor = load_demo_model(settings.model_path)
     collator = VLMChatCollator(processor, max_length=MAX_LENGTH, model_family="llava")
     metric = answer_exact_match(collator, batch_size=64)
-    tasks = [ContinualTask(name, split["train"], split["eval"], metric) for name, split in data["tasks"].items()]
+    tasks = [ContinualTask(task, data["tasks"][task]["train"], data["tasks"][task]["eval"], metric) for task in settings.tasks]
     general = [GeneralSet("general", data["general"], metric)]
-    return Sequence("image", tasks, general, collator, lambda: load_demo_model(settings.model_path)[0], settings.epochs)
+    return Sequence(name, tasks, general, collator, lambda: load_demo_model(settings.model_path)[0], settings.epochs)
 
 
 def _video_sequence(data: dict[str, Any], settings: DemoSettings) -> Sequence:
@@ -169,7 +201,7 @@ def _finished(out: Path, settings: DemoSettings) -> dict[str, Any]:
 
 def _training_settings(settings: DemoSettings) -> dict[str, Any]:
     """What decides one method's run: not which other methods, seeds or sequences run beside it, nor where it is written."""
-    ignored = {"output_dir", "methods", "seeds", "overwrite", "video"}
+    ignored = {"output_dir", "methods", "seeds", "overwrite", "video", "orders"}
     return {k: v for k, v in asdict(settings).items() if k not in ignored}
 
 
@@ -264,7 +296,7 @@ def _benchmark_data(data_dir: Path, settings: DemoSettings) -> dict[str, Any]:
     if settings.video and "video_tasks" not in manifest:  # first --video run over an image-only benchmark
         manifest_file.unlink()
         return _benchmark_data(data_dir, settings)
-    if manifest["image_task_order"] != list(settings.tasks):
+    if sorted(manifest["image_task_order"]) != sorted(settings.tasks):
         raise ValueError(f"{data_dir} holds a benchmark of other tasks {manifest['image_task_order']}; use --overwrite")
 
     def load(entry: dict[str, Any]) -> Dataset:
@@ -286,8 +318,8 @@ def _benchmark_data(data_dir: Path, settings: DemoSettings) -> dict[str, Any]:
     return data
 
 
-def _summary(per_seed: dict[int, dict[str, Any]], settings: DemoSettings) -> dict[str, Any]:
-    """Mean and standard deviation over seeds of every metric, per method."""
+def _summary(per_seed: dict[Any, dict[str, Any]], settings: DemoSettings) -> dict[str, Any]:
+    """Mean and standard deviation over the runs (seeds, or (order, seed) pairs) of every metric, per method."""
     methods = {}
     for name in settings.methods:
         values = {k: [per_seed[s]["methods"][name]["metrics"][k] for s in per_seed] for k in METRIC_NAMES}
@@ -295,7 +327,8 @@ def _summary(per_seed: dict[int, dict[str, Any]], settings: DemoSettings) -> dic
             k: {"mean": _nanstat(np.nanmean, v), "std": _nanstat(np.nanstd, v), "n": int(np.sum(~np.isnan(np.array(v, dtype=float))))}
             for k, v in values.items()
         }
-    return {"seeds": list(per_seed), "methods": methods}
+    runs = [run if isinstance(run, int) else f"order{run[0]}/seed{run[1]}" for run in per_seed]
+    return {"seeds": runs, "methods": methods}
 
 
 def _nanstat(fn, values: list[float | None]) -> float:

@@ -60,3 +60,24 @@ def test_cli_rejects_unknown_methods(tmp_path):
     args = build_parser().parse_args(["demo", "--methods", "nope", "--output-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown methods"):
         args.func(args)
+
+
+@pytest.mark.slow
+def test_task_orders_run_as_their_own_sequences_with_a_summary_over_orders(tmp_path, quick_model):
+    settings = DemoSettings(
+        output_dir=str(tmp_path / "demo"), methods=("zero-shot", "seq-lora"), tasks=("count_red", "digits"), orders=2,
+        train_size=8, eval_size=8, general_size=8, epochs=1, batch_size=8, model_path=str(quick_model),
+    )
+    summary = run_demo(settings)
+    assert set(summary["sequences"]) == {"image", "image-order1", "image, 2 orders"}
+    reordered = json.loads((tmp_path / "demo" / "image-order1" / "seed0" / "results.json").read_text())
+    assert reordered["tasks"] == ["digits", "count_red"]
+    assert summary["sequences"]["image, 2 orders"]["seeds"] == ["order0/seed0", "order1/seed0"]
+
+
+def test_cli_task_order_and_dtype_are_checked(tmp_path):
+    args = build_parser().parse_args(["demo", "--task-order", "digits,nope", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown: nope"):
+        args.func(args)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        run_demo(DemoSettings(output_dir=str(tmp_path), dtype="float16"))
