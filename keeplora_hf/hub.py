@@ -737,7 +737,7 @@ def _read_json(path: Path) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid UTF-8 JSON ({error}): the file is incomplete or corrupt") from None
+        raise ValueError(f"{path} is not valid JSON in UTF-8 ({error}): the file is incomplete or corrupt") from None
 
 
 def _write_json(path: Path, payload: Any) -> None:
