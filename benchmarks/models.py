@@ -36,13 +36,23 @@ class BenchModel:
 
 def llava_100m(seed: int = 0, text_tokens: int = 64) -> BenchModel:
     """LLaVA-1.5 architecture at ~117M parameters; batches of `text_tokens` text + 64 image tokens."""
+    return _llava("llava-100m", seed, text_tokens, width=768, mlp=2048, layers=8, heads=12, dtype=torch.float32)
+
+
+def llava_7b_proportions_bf16(seed: int = 0, text_tokens: int = 64) -> BenchModel:
+    """LLaVA-1.5-7B's proportions (MLP = 2.75 x width) at width 512, 6 decoder layers, in bfloat16 as users train."""
+    return _llava("llava-7bp-bf16", seed, text_tokens, width=512, mlp=1408, layers=6, heads=8, dtype=torch.bfloat16)
+
+
+def _llava(name: str, seed: int, text_tokens: int, *, width: int, mlp: int, layers: int, heads: int,
+           dtype: torch.dtype) -> BenchModel:
     vision = CLIPVisionConfig(
         hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
         image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=384,
     )
     text = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
-        num_key_value_heads=12, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0,
+        vocab_size=VOCAB, hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0,
         bos_token_id=1, eos_token_id=2,
     )
     config = LlavaConfig(
@@ -51,7 +61,7 @@ def llava_100m(seed: int = 0, text_tokens: int = 64) -> BenchModel:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config).float()
+        model = LlavaForConditionalGeneration(config).to(dtype)
     model.config.use_cache = False
     prefix = text_tokens // 4
 
@@ -67,14 +77,15 @@ def llava_100m(seed: int = 0, text_tokens: int = 64) -> BenchModel:
         )
         labels = ids.masked_fill(ids == IMAGE_TOKEN, -100)
         labels[:, :prefix] = -100
-        pixels = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+        pixels = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(dtype)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "labels": labels}
 
     params = sum(p.numel() for p in model.parameters())
     return BenchModel(
-        "llava-100m", model, make_batch, LLAVA_TARGETS, 4,
-        f"LLaVA-1.5 architecture, {params / 1e6:.0f}M parameters (ViT 6x384, Llama 8x768, MLP 2048, vocab {VOCAB}); "
-        f"batch 4 x {text_tokens + IMAGE_TOKENS} tokens; targets q,k,v,o,gate,up,down of the decoder (56 layers)",
+        name, model, make_batch, LLAVA_TARGETS, 4,
+        f"LLaVA-1.5 architecture, {params / 1e6:.0f}M parameters (ViT 6x384, Llama {layers}x{width}, MLP {mlp}, vocab "
+        f"{VOCAB}), {str(dtype).removeprefix('torch.')}; batch 4 x {text_tokens + IMAGE_TOKENS} tokens; targets "
+        f"q,k,v,o,gate,up,down of the decoder ({7 * layers} layers)",
     )
 
 
@@ -88,4 +99,4 @@ def tiny(seed: int = 0) -> BenchModel:
     )
 
 
-MODELS = {"llava-100m": llava_100m, "tiny-llava": tiny}
+MODELS = {"llava-100m": llava_100m, "llava-7bp-bf16": llava_7b_proportions_bf16, "tiny-llava": tiny}
