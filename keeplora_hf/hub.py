@@ -66,7 +66,7 @@ from .continual.report import (
 from .continual.runner import data_fingerprint
 from .export import check_export_target, export_lora
 from .subspace import squared_singular_values
-from .tuner.layer import layer_state
+from .tuner.layer import base_weight, layer_state
 from .tuner.model import STATE_KEY, keeplora_layers, tuner_of
 from .tuner.registration import KEEPLORA_PEFT_TYPE
 
@@ -848,7 +848,7 @@ def _check_base_fits(info: RunInfo, adapter: Path, base: nn.Module) -> None:
         for key in dict.fromkeys(keys[:1] + keys[-1:]):
             name = key[: -len(suffix)].removeprefix("base_model.model.")
             try:
-                weight = base.get_submodule(name).weight.detach()
+                weight = base_weight(base.get_submodule(name))  # dequantized through the layer when quantized
             except AttributeError:
                 continue  # PEFT reports layers the base lacks
             saved = f.get_tensor(key)
