@@ -40,12 +40,17 @@ class FinishedTask:
         return self.scaling * (self.lora_B @ self.lora_A)
 
 
+#: unit vectors per forward when a quantized weight is read through its layer
+_PROBE_BLOCK = 1024
+
+
 def base_weight(module: nn.Module) -> torch.Tensor:
     """The layer's base weight as a float tensor (`d_out x d_in`).
 
     A quantized base (bitsandbytes 4/8-bit, or any other backend) is read as the layer computes it: its outputs on
-    the unit vectors, in blocks, minus its output on zero (the bias). This needs no knowledge of the storage format,
-    which bitsandbytes changes on its CPU backend after the first forward (its own dequantize then gives garbage).
+    the unit vectors, `_PROBE_BLOCK` at a time, minus its output on zero (the bias). This needs no knowledge of the
+    storage format, which bitsandbytes changes on its CPU backend after the first forward (its own dequantize then
+    gives garbage).
     """
     base = module.get_base_layer() if isinstance(module, LoraLayer) else module
     weight = base.weight
@@ -53,17 +58,15 @@ def base_weight(module: nn.Module) -> torch.Tensor:
         return weight.detach()
     d_in = base.in_features
     device = weight.device
+    columns = []
     with torch.no_grad():
         offset = base(torch.zeros(1, d_in, device=device)).float()
-        columns = [
-            base(torch.eye(d_in, device=device)[start : start + _PROBE_BLOCK]).float() - offset
-            for start in range(0, d_in, _PROBE_BLOCK)
-        ]
+        for start in range(0, d_in, _PROBE_BLOCK):
+            count = min(_PROBE_BLOCK, d_in - start)
+            units = torch.zeros(count, d_in, device=device)
+            units[torch.arange(count), start + torch.arange(count)] = 1.0
+            columns.append(base(units).float() - offset)
     return torch.cat(columns).T.contiguous()
-
-
-#: unit vectors per forward when a quantized weight is read through its layer
-_PROBE_BLOCK = 1024
 
 
 #: fixed random directions whose images under the pre-trained weight identify it (see `weight_fingerprint`)
