@@ -335,7 +335,7 @@ class KeepLoRALayerState(nn.Module):
         """The principal basis of the original weight (base weight minus merged tasks), inside the protected subspace."""
         solver = self._origin[1] if self._origin is not None else "svd"
         rank = self.principal_rank
-        basis, energies = principal_basis(self._original_weight(), 1.0, solver=solver, return_energies=True, rank=rank)
+        basis, energies = principal_basis(self.original_weight(), 1.0, solver=solver, return_energies=True, rank=rank)
         expected = self.principal_energies
         if basis.shape[1] != self.principal_rank or (
             expected is not None
@@ -352,11 +352,8 @@ class KeepLoRALayerState(nn.Module):
         return basis.to(self.complement.dtype)
 
     def original_weight(self, module: LoraLayer | None = None) -> torch.Tensor:
-        """The layer's pre-trained weight in float32: its base weight minus the tasks merged into it."""
-        return self._original_weight(module)
-
-    def _original_weight(self, module: LoraLayer | None = None) -> torch.Tensor:
-        """The layer's pre-trained weight in float32: its base weight minus the merged tasks."""
+        """The layer's pre-trained weight in float32: its base weight minus the tasks merged into it (`module`: the
+        layer, by default the one the state is bound to)."""
         module = module if module is not None else self._origin[0]() if self._origin is not None else None
         if module is None:
             raise RuntimeError(
@@ -411,7 +408,7 @@ class KeepLoRALayerState(nn.Module):
     def _drop_principal(self) -> None:
         """Keep only the principal energies from here on; the basis is recomputed when asked for."""
         if self.principal_energies is None:  # a state saved before energies were kept, or with its basis: measure them
-            self.principal_energies = ritz_energies(self._original_weight(), self._principal)
+            self.principal_energies = ritz_energies(self.original_weight(), self._principal)
         self._principal = None
 
     def cast_(self, dtype: torch.dtype) -> None:
