@@ -15,10 +15,10 @@ from .layer import (
     FinishedTask,
     KeepLoRALayerState,
     apply_delta_,
+    fingerprint_gap,
     has_layer_state,
     layer_scales,
     layer_state,
-    fingerprint_gap,
     set_layer_state,
 )
 from .registration import KEEPLORA_PEFT_TYPE
