@@ -9,13 +9,13 @@ from typing import Literal
 import torch
 from peft import LoraConfig
 
+from ..subspace.memory import MEMORY_SOLVERS
+from ..subspace.principal import PRINCIPAL_SOLVERS
 from .registration import KEEPLORA_PEFT_TYPE
 
 FEATURE_SOURCES = ("activations", "gradients", "mean_gradient")
 LORA_A_INITS = ("residual_gradient", "random", "minor_singular")
 GRADIENT_ESTIMATORS = ("sketch", "exact")
-PRINCIPAL_SOLVERS = ("gram", "svd")
-MEMORY_SOLVERS = ("randomized", "eigh")
 STATE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 FINISHED_TASKS = ("auto", "branch", "merge")
 
@@ -28,6 +28,26 @@ class KeepLoRAConfig(LoraConfig):
     `rank_pattern`, `alpha_pattern`, `modules_to_save`). The fields below add the continual-learning method of
     `docs/method.md`; variants that change what a LoRA layer computes (DoRA, LoRA biases, target parameters) are
     refused because KeepLoRA++ keeps each finished task as exactly `s * B @ A` (merged or as a frozen branch).
+
+    Args:
+        principal_energy (`float`, defaults to 0.6): epsilon_w, the share of each pre-trained weight's spectral energy
+            whose right singular vectors are protected.
+        feature_energy (`float`, defaults to 0.99): epsilon_f, the GPM threshold that grows the feature memory.
+        layer_scale_gamma (`float`, defaults to 0.2): gamma of the depth scale `gamma + (1 - gamma) l / (L - 1)`.
+        gradient_data_ratio (`float`, defaults to 0.2): share of a task's batches for the statistics passes.
+        train_lora_A (`bool`, defaults to `False`): also train `A`, re-projected after every optimizer step.
+        feature_source (`str`, defaults to `"activations"`): `"activations"`, `"mean_gradient"` or `"gradients"`.
+        memory_sketch_rows (`int`, defaults to 512): rows of the mean-gradient sketch.
+        lora_A_init (`str`, defaults to `"residual_gradient"`): `"residual_gradient"`, `"random"` or `"minor_singular"`.
+        gradient_estimator (`str`, defaults to `"sketch"`): `"sketch"` or `"exact"`.
+        sketch_oversampling (`int`, defaults to 64): rows of the gradient sketch beyond `r`.
+        principal_solver (`str`, defaults to `"gram"`): `"gram"` or `"svd"`.
+        memory_solver (`str`, defaults to `"randomized"`): `"randomized"` or `"eigh"`.
+        state_dtype (`str`, defaults to `"float32"`): dtype of the stored bases.
+        finished_tasks (`str`, defaults to `"auto"`): `"auto"`, `"branch"` or `"merge"`.
+        keep_principal_basis (`bool`, defaults to `False`): keep the principal basis beside its complement.
+
+    Each field's `help` metadata says more.
     """
 
     principal_energy: float = field(

@@ -200,7 +200,7 @@ def test_a_tampered_state_is_refused(tmp_path, case, change, message):
 
 
 def test_a_state_listing_tasks_beyond_its_task_index_is_refused(tmp_path):
-    from keeplora_hf.tuner.model import state_checksum
+    from keeplora_hf.tuner.state_io import state_checksum
 
     path, _ = _saved(tmp_path)
 

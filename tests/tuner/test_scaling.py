@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from keeplora_hf.tuner.model import state_checksum
+from keeplora_hf.tuner.state_io import state_checksum
 
 from keeplora_hf import KeepLoRAConfig, attach_residual_projection, begin_task, end_task, protected_basis
 from keeplora_hf.models import build_tiny
