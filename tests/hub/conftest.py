@@ -81,8 +81,29 @@ def fresh_base():
     return build_tiny("llava").model
 
 
+def _real_signature(method):
+    """Refuse a call the real `HfApi` method would refuse (an unknown keyword, a missing argument), then record it."""
+    import functools
+    import inspect
+
+    from huggingface_hub import HfApi
+
+    signature = inspect.signature(getattr(HfApi, method.__name__))
+
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        signature.bind(self, *args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return checked
+
+
 class FakeHfApi:
-    """Records what a push sends: repos, every commit's files (bytes read at commit time), branches and tags."""
+    """Records what a push sends: repos, every commit's files (bytes read at commit time), branches and tags.
+
+    Every method checks its arguments against the real `HfApi` method's signature, so a wrong keyword fails here as it
+    would on the Hub.
+    """
 
     def __init__(self, fail_on_commit: bool = False) -> None:
         self.calls: list[tuple[str, dict]] = []
@@ -91,14 +112,17 @@ class FakeHfApi:
         self.tags: dict[str, str] = {}
         self.fail_on_commit = fail_on_commit
 
+    @_real_signature
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
         return f"https://huggingface.co/{repo_id}"
 
+    @_real_signature
     def list_repo_files(self, repo_id, revision=None, **kwargs):
         self.calls.append(("list_repo_files", {"repo_id": repo_id, "revision": revision}))
         return sorted(self.files[revision or "main"])
 
+    @_real_signature
     def create_commit(self, repo_id, operations, commit_message, revision=None, **kwargs):
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
@@ -121,23 +145,28 @@ class FakeHfApi:
                              "kwargs": kwargs})
         return SimpleNamespace(oid=oid, commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}")
 
+    @_real_signature
     def create_branch(self, repo_id, branch, revision=None, exist_ok=False, **kwargs):
         self.calls.append(("create_branch", {"branch": branch, "revision": revision}))
         if branch not in self.files:
             source = next((c["branch"] for c in self.commits if c["oid"] == revision), "main")
             self.files[branch] = dict(self.files[source])
 
+    @_real_signature
     def delete_branch(self, repo_id, branch, **kwargs):
         self.calls.append(("delete_branch", {"branch": branch}))
         self.files.pop(branch)
 
+    @_real_signature
     def list_repo_refs(self, repo_id, **kwargs):
         return SimpleNamespace(tags=[SimpleNamespace(name=t) for t in self.tags], branches=[])
 
+    @_real_signature
     def create_tag(self, repo_id, tag, revision=None, **kwargs):
         self.calls.append(("create_tag", {"tag": tag, "revision": revision}))
         self.tags[tag] = revision
 
+    @_real_signature
     def delete_tag(self, repo_id, tag, **kwargs):
         self.calls.append(("delete_tag", {"tag": tag}))
         self.tags.pop(tag)
