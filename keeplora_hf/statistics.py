@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -21,6 +22,8 @@ import torch.distributed as dist
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from tqdm.auto import tqdm
+
+from .data.collators import IGNORE_INDEX
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -93,19 +96,37 @@ def _frozen_for_statistics(model: nn.Module) -> Iterator[None]:
 
 
 def _backward_each(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, description: str) -> int:
-    """Backpropagate each batch's loss (the hooks the caller set collect what they need); returns the batch count."""
+    """Backpropagate each batch's loss (the hooks the caller set collect what they need); returns the batch count.
+
+    A batch with nothing supervised (every label -100, e.g. an answer cut off by truncation) has no loss to follow:
+    it is skipped with a warning, and refused when no batch is left. Any other non-finite loss is refused.
+    """
     device = _model_device(model)
-    count = 0
+    count = unsupervised = 0
     for batch in tqdm(batches, desc=description, leave=False, disable=not _is_main_process()):
+        labels = batch.get("labels") if isinstance(batch, Mapping) else None
+        if torch.is_tensor(labels) and labels.numel() and bool((labels == IGNORE_INDEX).all()):
+            unsupervised += 1
+            continue
         loss = loss_fn(model, move_to(batch, device))
         if not torch.isfinite(loss.detach()).all():
             raise ValueError(
-                f"{description}: batch {count} gives a non-finite loss ({float(loss.detach().float().mean())}): every "
-                "label of the batch may be -100 (nothing supervised: check the collator's masking), or its inputs "
-                "hold NaN/inf. Nothing was changed."
+                f"{description}: batch {count + unsupervised} gives a non-finite loss "
+                f"({float(loss.detach().float().mean())}): its inputs or activations hold NaN/inf. Nothing was changed."
             )
         loss.backward()
         count += 1
+    if unsupervised:
+        if not count:
+            raise ValueError(
+                f"{description}: every batch has all its labels -100, so there is no loss to take statistics from "
+                "(check the collator's masking and max_length). Nothing was changed."
+            )
+        warnings.warn(
+            f"{description}: skipped {unsupervised} of {count + unsupervised} batches whose labels are all -100 "
+            "(nothing supervised, e.g. answers cut off by max_length)",
+            stacklevel=3,
+        )
     return count
 
 

@@ -69,10 +69,18 @@ def test_unsupervised_batches_are_refused_before_anything_changes():
     model, batches = _model()
     for batch in batches:
         batch["labels"] = torch.full_like(batch["labels"], -100)
-    with pytest.raises(ValueError, match="non-finite loss.*-100"):
+    with pytest.raises(ValueError, match="every batch has all its labels -100"):
         begin_task(model, batches)
     assert not model.base_model.progress("default").in_task
     assert all(not m.keeplora_state["default"].initialised for m in model.modules() if hasattr(m, "keeplora_state"))
+
+
+def test_a_batch_with_nothing_supervised_is_skipped_with_a_warning():
+    model, batches = _model()
+    cut = {**batches[1], "labels": torch.full_like(batches[1]["labels"], -100)}  # e.g. an answer cut by max_length
+    with pytest.warns(UserWarning, match="skipped 1 of 2 batches whose labels are all -100"):
+        begin_task(model, [batches[0], cut])
+    assert model.base_model.progress("default").in_task
 
 
 def test_non_finite_inputs_at_end_task_name_the_cause_and_keep_the_state():
