@@ -9,7 +9,6 @@ working unchanged.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from typing import Any
@@ -23,8 +22,6 @@ from transformers import Trainer, TrainerCallback
 from .lifecycle import begin_task, end_task, project_lora_A_
 from .statistics import LossFn, default_loss
 from .tuner.model import tuner_of
-
-logger = logging.getLogger(__name__)
 
 
 class KeepLoRACallback(TrainerCallback):
@@ -51,7 +48,7 @@ class KeepLoRACallback(TrainerCallback):
         self._statistics: DataLoader | None = None
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs: Any) -> None:
-        tuner = tuner_of(_unwrapped(model))
+        tuner = tuner_of(model)
         adapter = tuner.keeplora_adapter()
         config = tuner.peft_config[adapter]
         for module in tuner.model.modules():
@@ -66,7 +63,7 @@ class KeepLoRACallback(TrainerCallback):
             self.begin_seconds = time.perf_counter() - start
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs: Any) -> None:
-        tuner = tuner_of(_unwrapped(model))
+        tuner = tuner_of(model)
         if tuner.peft_config[tuner.keeplora_adapter()].train_lora_A:
             project_lora_A_(model)
 
@@ -102,7 +99,3 @@ def statistics_dataloader(train_dataloader: DataLoader, ratio: float, args: Any)
     return prepare_data_loader(
         loader, num_processes=state.num_processes, process_index=state.process_index, put_on_device=False
     )
-
-
-def _unwrapped(model: Any) -> Any:
-    return getattr(model, "module", model)  # DistributedDataParallel and friends

@@ -30,7 +30,7 @@ def export_lora(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = 
     (plus the task under way, if any). Its plain-LoRA scaling `alpha_l / (k r)` equals `s_l` through a per-layer
     `alpha_pattern`, so the adapter applied to the *original* base model reproduces this model's outputs.
     """
-    tuner = tuner_of(getattr(model, "module", model))
+    tuner = tuner_of(model)
     adapter = tuner.keeplora_adapter()
     config = tuner.peft_config[adapter]
     layers = keeplora_layers(tuner.model, adapter)

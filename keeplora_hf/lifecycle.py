@@ -27,6 +27,7 @@ from .tuner.layer import (
     FinishedTask,
     KeepLoRALayerState,
     base_weight,
+    is_quantized,
     layer_state,
     merged_delta,
     merges_exactly,
@@ -229,8 +230,8 @@ def _initial_rows(
         _, _, vh = torch.linalg.svd(base_weight(module).double(), full_matrices=False)
         rows = vh[-rank:]
     else:  # "random": LoRA's own initialisation of A
-        weight = module.get_base_layer().weight
-        rows = torch.empty(rank, module.get_base_layer().in_features, dtype=torch.float64, device=weight.device)
+        base = module.get_base_layer()
+        rows = torch.empty(rank, base.in_features, dtype=torch.float64, device=base.weight.device)
         nn.init.kaiming_uniform_(rows, a=math.sqrt(5))
     return protected.project_out(rows)
 
@@ -379,7 +380,7 @@ def _merges(config: KeepLoRAConfig, module: LoraLayer, name: str) -> bool:
     """Whether `end_task` merges this layer's finished tasks into its base weight (see `finished_tasks`)."""
     if config.finished_tasks == "auto":
         return merges_exactly(module)
-    if config.finished_tasks == "merge" and not module.get_base_layer().weight.dtype.is_floating_point:
+    if config.finished_tasks == "merge" and is_quantized(module):
         raise ValueError(
             f"finished_tasks='merge' cannot write into the quantized base weight of {name}; use 'auto' or 'branch'"
         )
@@ -430,7 +431,7 @@ def project_lora_A_(model: nn.Module) -> None:
 
 def _projected_layers(model: nn.Module) -> tuple[str, list[LoraLayer]]:
     """The active adapter and its target layers, cached on the tuner: `project_lora_A_` runs after every step."""
-    tuner = tuner_of(getattr(model, "module", model))
+    tuner = tuner_of(model)
     adapter = tuner.keeplora_adapter()
     cache = tuner.__dict__.setdefault(LAYER_CACHE_ATTR, {})
     layers = cache.get(adapter)

@@ -90,6 +90,11 @@ def fingerprint_gap(saved: torch.Tensor, weight: torch.Tensor) -> float:
     return float((actual - saved.float()).norm() / saved.float().norm().clamp_min(1e-30))
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """Whether the layer's base weight is stored quantized (nothing can be added into it)."""
+    return not module.get_base_layer().weight.dtype.is_floating_point
+
+
 def merges_exactly(module: nn.Module) -> bool:
     """Whether a float32 update can be added into this layer's base weight without losing it to rounding."""
     weight = module.get_base_layer().weight
@@ -209,7 +214,7 @@ class KeepLoRALayerState(nn.Module):
         same bits), or `together`, summed in float32 and rounded once (`merge_and_unload`)."""
         if not self.branched_tasks:
             return
-        if not module.get_base_layer().weight.dtype.is_floating_point:
+        if is_quantized(module):
             raise ValueError(
                 f"cannot merge finished tasks into the quantized weight of {type(module.get_base_layer()).__name__}: "
                 "keep them as a branch (finished_tasks='branch'), or export a plain LoRA with export_lora"

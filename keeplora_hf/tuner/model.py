@@ -92,7 +92,9 @@ class KeepLoRAModel(LoraModel):
 
 
 def tuner_of(model: nn.Module) -> KeepLoRAModel:
-    """The KeepLoRA tuner of `model`: the model itself, or the `base_model` of the PeftModel wrapping it."""
+    """The KeepLoRA tuner of `model`: the model itself, or the `base_model` of the PeftModel wrapping it (itself
+    possibly wrapped by DistributedDataParallel and friends, as `.module`)."""
+    model = getattr(model, "module", model)
     if isinstance(model, KeepLoRAModel):
         return model
     tuner = getattr(model, "base_model", None)

@@ -17,6 +17,7 @@ from .layer import (
     KeepLoRALayerState,
     apply_delta_,
     fingerprint_gap,
+    is_quantized,
     layer_state,
     set_layer_state,
 )
@@ -146,7 +147,7 @@ def install_state(
                 f"{name} has {current.merged_tasks} tasks merged into its weight, the saved state only "
                 f"{new_states[name].merged_tasks}; load the adapter into a fresh base model"
             )
-        if new_states[name].merged_tasks > current.merged_tasks and not module.get_base_layer().weight.dtype.is_floating_point:
+        if new_states[name].merged_tasks > current.merged_tasks and is_quantized(module):
             raise ValueError(f"the saved state of {name} has tasks merged into a weight that is quantized in this model")
 
     for name, module in layers.items():
