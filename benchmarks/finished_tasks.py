@@ -24,15 +24,13 @@ a KeepLoRA++ training step with k finished tasks kept as the branch, interleaved
 from __future__ import annotations
 
 import argparse
-import warnings
 
 import torch
 
-from keeplora_hf import begin_task
 from keeplora_hf.subspace import Subspace, principal_basis
 from keeplora_hf.tuner.layer import FinishedTask, layer_state
 from measure import configure_threads, interleaved, ratio_summary, summary, write_result
-from setups import RANK, batches, keeplora, lora, optimizer_for, train_step
+from setups import RANK, batches, lora, optimizer_for, ready_keeplora, train_step
 
 BF16 = torch.bfloat16
 OPTIONS = ("merge", "merge_master", "consolidate_4", "branch_bf16", "branch")
@@ -128,10 +126,7 @@ def step_time(model_name: str, rounds: int) -> dict:
     data = batches(bench, 2)
     models, optimizers = {"lora": plain}, {"lora": optimizer_for(plain)}
     for count in CHECKPOINTS:
-        model, _ = keeplora(model_name, finished_tasks="branch")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            begin_task(model, data[:1])
+        model = ready_keeplora(model_name, data[:1], finished_tasks="branch")
         g = torch.Generator().manual_seed(count)
         for module in (m for m in model.modules() if hasattr(m, "keeplora_state")):
             base = module.get_base_layer()

@@ -59,6 +59,7 @@ import keeplora_hf  # noqa: F401  registers the KEEPLORA peft type
 from keeplora_hf import KeepLoRAConfig, begin_task, end_task, learned_update, protected_basis
 from keeplora_hf.tuner.layer import apply_delta_
 from measure import RESULTS, configure_threads, ratio_summary, summary, write_result
+from setups import train_step
 
 TARGETS = (
     r"model\.language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
@@ -129,15 +130,6 @@ def make_batches(
 
 def optimizer_for(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
-
-
-def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> float:
-    model.train()
-    loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
 
 
 def logits(model: nn.Module, batch: dict) -> torch.Tensor:

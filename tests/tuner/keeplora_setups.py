@@ -28,6 +28,15 @@ def wrap(name: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", 
     return model, batches, tiny
 
 
+def learn(model, batches, steps: int = 3) -> None:
+    """A few AdamW steps on the trainable weights (B, and A when it trains): enough to move every target."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for step in range(steps):
+        model(**batches[step % len(batches)]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def outputs(model, batch) -> torch.Tensor:
     with torch.no_grad():
         out = model(**batch)

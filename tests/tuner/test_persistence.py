@@ -15,22 +15,14 @@ from keeplora_hf import begin_task, end_task, export_lora
 from keeplora_hf.models import build_tiny
 from peft import PeftModel
 
-from keeplora_setups import outputs, targets, wrap
-
-
-def _learn(model, batches, steps: int = 3) -> None:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    for step in range(steps):
-        model(**batches[step % len(batches)]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+from keeplora_setups import learn, outputs, targets, wrap
 
 
 def _two_tasks(name: str, **overrides):
     model, batches, tiny = wrap(name, **overrides)
     for task in (batches[:2], batches[1:]):
         begin_task(model, task)
-        _learn(model, task)
+        learn(model, task)
         end_task(model, task)
     return model, batches, tiny
 
@@ -64,7 +56,7 @@ def test_reloaded_model_continues_the_sequence_exactly(tmp_path):
     for m in (model, reloaded):
         torch.manual_seed(0)
         begin_task(m, batches)
-        _learn(m, batches)
+        learn(m, batches)
         end_task(m, batches)
     assert torch.equal(outputs(reloaded, batches[2]), outputs(model, batches[2]))
 
@@ -72,7 +64,7 @@ def test_reloaded_model_continues_the_sequence_exactly(tmp_path):
 def test_save_in_the_middle_of_a_task_resumes_that_task(tmp_path):
     model, batches, _ = wrap("qwen2_vl")
     begin_task(model, batches)
-    _learn(model, batches)
+    learn(model, batches)
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(build_tiny("qwen2_vl").model, tmp_path, is_trainable=True)
     assert reloaded.base_model.progress("default").in_task
@@ -87,7 +79,7 @@ def test_export_lora_loads_with_plain_peft_and_gives_the_same_logits(tmp_path, i
     model, batches, _ = _two_tasks("llava")
     if in_task:
         begin_task(model, batches)
-        _learn(model, batches)
+        learn(model, batches)
     export_lora(model, tmp_path / "plain")
     config = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"

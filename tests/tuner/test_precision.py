@@ -16,18 +16,10 @@ from peft import PeftModel
 from keeplora_hf import KeepLoRAConfig, begin_task, end_task, export_lora, learned_update, protected_basis
 from keeplora_hf.models import build_tiny
 
-from keeplora_setups import outputs, targets, wrap
+from keeplora_setups import learn, outputs, targets, wrap
 
 DTYPES = [torch.float32, torch.bfloat16]
 _TASKS = ((0, 1), (1, 2), (2, 0))
-
-
-def _learn(model, batches, steps: int = 3) -> None:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    for step in range(steps):
-        model(**batches[step % len(batches)]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -77,7 +69,7 @@ def test_three_tasks_keep_the_guarantee_on_every_base_dtype(device, dtype):
             off = inside.float() - (inside.float() @ protected) @ protected.T
             with torch.no_grad():
                 probes[name] = (inside, anywhere, module(inside), module(anywhere), off, learned_update(model, name))
-        _learn(model, task)
+        learn(model, task)
         before = outputs(model, batches[0]).float()
         end_task(model, task)
         after = outputs(model, batches[0]).float()
@@ -116,7 +108,7 @@ def test_disable_adapter_gives_the_pretrained_model_while_tasks_are_unmerged(dev
     pretrained = outputs(model, batches[0])
     for picks in _TASKS[:2]:
         begin_task(model, [batches[i] for i in picks])
-        _learn(model, [batches[i] for i in picks])
+        learn(model, [batches[i] for i in picks])
         end_task(model, [batches[i] for i in picks])
     assert not torch.equal(outputs(model, batches[0]), pretrained)
     with model.disable_adapter():
@@ -130,7 +122,7 @@ def test_save_load_and_export_are_exact_on_every_base_dtype(tmp_path, device, dt
     model, batches, _ = wrap("llava", dtype=dtype, device=device)
     for picks in _TASKS[:2]:
         begin_task(model, [batches[i] for i in picks])
-        _learn(model, [batches[i] for i in picks])
+        learn(model, [batches[i] for i in picks])
         end_task(model, [batches[i] for i in picks])
     expected = outputs(model, batches[0])
     model.save_pretrained(tmp_path / "adapter")
@@ -149,7 +141,7 @@ def test_merge_and_unload_folds_the_branches_with_one_rounding(device):
     model, batches, _ = wrap("llava", dtype=torch.bfloat16, device=device)
     for picks in _TASKS:
         begin_task(model, [batches[i] for i in picks])
-        _learn(model, [batches[i] for i in picks])
+        learn(model, [batches[i] for i in picks])
         end_task(model, [batches[i] for i in picks])
     names = list(targets(model))
     updates = {name: learned_update(model, name) for name in names}
@@ -164,7 +156,7 @@ def test_merge_and_unload_folds_the_branches_with_one_rounding(device):
 def test_the_state_follows_the_model_to_a_device_never_to_a_dtype(device):
     model, batches, _ = wrap("llava")
     begin_task(model, batches[:2])
-    _learn(model, batches[:2])
+    learn(model, batches[:2])
     end_task(model, batches[:2])
     model.to(device=device, dtype=torch.bfloat16)
     for module in targets(model).values():
@@ -192,7 +184,7 @@ def test_merge_into_a_low_precision_weight_is_what_the_branch_avoids():
     originals = {n: m.get_base_layer().weight.detach().clone() for n, m in targets(model).items()}
     begin_task(model, batches[:2])
     protected = {n: protected_basis(model, n).float() for n in targets(model)}
-    _learn(model, batches[:2])
+    learn(model, batches[:2])
     end_task(model, batches[:2])
     inside_share = []
     for name, module in targets(model).items():
