@@ -497,8 +497,11 @@ def merged_delta(tasks: list[FinishedTask]) -> torch.Tensor:
 def apply_delta_(weight: torch.Tensor, delta: torch.Tensor) -> None:
     """Add a float32 update into a base weight, rounded once to its dtype. Used for training and for reloading, so both
     give the same bits."""
-    summed = weight.data.to(delta.dtype) + delta.to(weight.device)
-    weight.data.copy_(summed.to(weight.dtype))
+    delta = delta.to(weight.device)
+    if weight.dtype == delta.dtype:  # the same single rounding, without a transient copy of the weight
+        weight.data.add_(delta)
+    else:
+        weight.data.copy_((weight.data.to(delta.dtype) + delta).to(weight.dtype))
 
 
 _INDEX = re.compile(r"^\d+$")
