@@ -33,10 +33,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..data.collators import VLMChatCollator
+from ..distributed import sharded_scores
 from ..statistics import move_to
 
 __all__ = [
@@ -180,12 +180,6 @@ def _generation_collator(collator: VLMChatCollator) -> VLMChatCollator:
     )
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
@@ -232,34 +226,26 @@ def generation_metric(
     }
 
     def metric(model: nn.Module, dataset: Any) -> float:
-        size = len(dataset) if max_samples is None else min(len(dataset), max_samples)
-        rank, world = _world()
-        indices = list(range(rank, size, world))
-        parameter = next(model.parameters())
-        device, dtype = parameter.device, _model_dtype(model)
-        total = torch.zeros(2, dtype=torch.float64, device=device)  # score sum, row count
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(indices), batch_size):
-                    rows = [dataset[i] for i in indices[start : start + batch_size]]
-                    batch = _cast_floats(move_to(dict(generator(rows)), device), dtype)
-                    output = model.generate(**batch, **settings)
-                    new_tokens = output[:, batch["input_ids"].shape[1] :]
-                    predictions = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-                    for row, prediction in zip(rows, predictions):
-                        references = references_of(row, answers_column)
-                        value = float(score(prediction.strip(), references))
-                        if start == 0 and row is rows[0]:
-                            logger.debug("row %r: generated %r, references %r, score %.3f", row.get("id"), prediction,
-                                         references, value)
-                        total[0] += value
-                    total[1] += len(rows)
-        finally:
-            model.train(was_training)
-        if world > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        device, dtype = next(model.parameters()).device, _model_dtype(model)
+        logged = False
+
+        def score_rows(rows: list[dict]) -> list[float]:
+            nonlocal logged
+            batch = _cast_floats(move_to(dict(generator(rows)), device), dtype)
+            output = model.generate(**batch, **settings)
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            predictions = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            values = []
+            for row, prediction in zip(rows, predictions):
+                references = references_of(row, answers_column)
+                values.append(float(score(prediction.strip(), references)))
+                if not logged:
+                    logger.debug("row %r: generated %r, references %r, score %.3f", row.get("id"), prediction,
+                                 references, values[-1])
+                    logged = True
+            return values
+
+        total = sharded_scores(model, dataset, score_rows, batch_size=batch_size, max_rows=max_samples)
         if total[1] == 0:
             raise ValueError("generation_metric: the eval set is empty")
         return float(total[0] / total[1])

@@ -20,7 +20,7 @@ import sys
 from accelerate import PartialState
 
 from keeplora_hf.data import clip_classification_loss
-from keeplora_hf.recipes_common import (
+from keeplora_hf.recipes import (
     build_classification_tasks,
     clip_loss,
     keeplora_config,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from keeplora_hf.recipes_common import run_chat_recipe
+from keeplora_hf.recipes import run_chat_recipe
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -13,16 +13,16 @@ from peft import get_peft_model
 from keeplora_hf.continual.generation import NORMALIZERS
 from keeplora_hf.models import build_tiny
 from keeplora_hf.models.tiny import matching_modules
-from keeplora_hf.recipes_common import (
+from keeplora_hf.recipes import (
     PROJECTOR_MODULES,
     ModelArguments,
-    _quantization_config,
     keeplora_config,
     parse_recipe_args,
     projector_optimizer,
     refuse_sharded_parameters,
     seed_principal_energy,
 )
+from keeplora_hf.recipes.loading import _quantization_config
 from keeplora_hf.subspace import principal_basis, squared_singular_values
 from recipe_helpers import RECIPES, recipe_main
 

@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from keeplora_hf.data import DataFormatError
-from keeplora_hf.recipes_common import parse_recipe_args
+from keeplora_hf.recipes import parse_recipe_args
 from recipe_helpers import RECIPES, recipe_main
 
 LONG_ANSWER = " ".join(["red"] * 150)  # longer than the tiny configs' max_length on its own
@@ -119,7 +119,7 @@ def test_answer_lists_are_carried_and_checked(tmp_path, one_thread):
 
     from keeplora_hf.data import VLMChatCollator
     from keeplora_hf.models import build_tiny_processor
-    from keeplora_hf.recipes_common import build_chat_tasks
+    from keeplora_hf.recipes import build_chat_tasks
 
     _write(data / "v" / "test.json", [dict(row, id="x", answers=["red", "red", "dark red"])])
     parsed = parse_recipe_args([config])

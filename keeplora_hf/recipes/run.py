@@ -1,0 +1,102 @@
+"""A recipe's run: set-up, KeepLoRA around the model, `ContinualRunner` over the task sequence."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+from peft import get_peft_model
+from torch import nn
+
+from ..continual import ContinualRunner, ContinualTask, GeneralSet
+from ..tuner.config import KeepLoRAConfig
+from .adapter import keeplora_config, seed_principal_energy
+from .arguments import RecipeConfig, parse_recipe_args
+from .distributed import refuse_sharded_parameters
+from .loading import PROJECTOR_MODULES, load_vlm
+from .optim import projector_optimizer
+from .tasks import build_chat_tasks, chat_collator
+from .tiny_data import TINY_DATA_WRITERS
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["prepare", "run_chat_recipe", "run_recipe"]
+
+
+def prepare(config: RecipeConfig, writer: Callable[[Path], None] | None = None) -> PartialState:
+    """Logging, the distributed state, refusal of sharded parameters, and the tiny data set when asked for."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    refuse_sharded_parameters(config.training)  # first: setting up a DeepSpeed state would already need deepspeed
+    _ = config.training.device  # sets up the distributed state the way the Trainer will
+    state = PartialState()
+    if not state.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    # the collators read the rows' own columns (messages, images, videos, task), which the model's forward lacks
+    config.training.remove_unused_columns = False
+    if config.data.tiny_data and writer is not None:
+        with state.main_process_first():
+            if state.is_main_process:
+                writer(Path(config.data.data_root))
+    return state
+
+
+def run_recipe(
+    config: RecipeConfig,
+    model: nn.Module,
+    tasks: list[ContinualTask],
+    general: list[GeneralSet],
+    collator: Callable,
+    *,
+    trainer_kwargs: dict[str, Any] | None = None,
+    principal_energy_pattern: dict[str, float] | None = None,
+    peft_config: KeepLoRAConfig,
+) -> dict[str, Any]:
+    """Wrap `model` with KeepLoRA, run the sequence with `ContinualRunner`, return (and write) the results."""
+    training = config.training
+    if getattr(training, "activation_checkpointing", training.gradient_checkpointing) and hasattr(
+        model, "enable_input_require_grads"
+    ):
+        model.enable_input_require_grads()  # the frozen embeddings must still pass gradients to checkpointed blocks
+    peft_model = get_peft_model(model, peft_config)
+    seeded = seed_principal_energy(peft_model, principal_energy_pattern or {})
+    if seeded:
+        logger.info("principal_energy_pattern: %d targets use their own epsilon_w", len(seeded))
+    if PartialState().is_main_process:
+        peft_model.print_trainable_parameters()
+    runner = ContinualRunner(
+        peft_model,
+        tasks,
+        training,
+        training.output_dir,
+        general_sets=general,
+        data_collator=collator,
+        method=config.recipe.method_name,
+        run_config={"recipe": config.describe()},
+        overwrite=config.recipe.overwrite_run,
+        trainer_kwargs=trainer_kwargs,
+    )
+    return runner.run()
+
+
+def run_chat_recipe(argv: Sequence[str] | None, media: str) -> dict[str, Any]:
+    """A chat recipe's whole run on `media` ("image": recipes/llava_vqa, "video": recipes/video_llm).
+
+    Arguments, the tiny data when asked for, the model, every task loaded and checked before training (files,
+    `<image>` / `<video>` markers and media, conversations, lengths), then KeepLoRA++ over the sequence.
+    """
+    config = parse_recipe_args(argv)
+    prepare(config, writer=TINY_DATA_WRITERS[media])
+    model, processor, family = load_vlm(config.model)
+    collator = chat_collator(config, processor, family)
+    tasks, general = build_chat_tasks(config, collator, media=media)
+
+    projector = config.model.projector_modules or PROJECTOR_MODULES[family]
+    peft_config, energy_pattern = keeplora_config(config.keeplora, projector if config.model.train_projector else ())
+    trainer_kwargs = {}
+    if config.model.train_projector:
+        trainer_kwargs.update(projector_optimizer(config.training, config.model.projector_learning_rate))
+    return run_recipe(config, model, tasks, general, collator, trainer_kwargs=trainer_kwargs,
+                      principal_energy_pattern=energy_pattern, peft_config=peft_config)
