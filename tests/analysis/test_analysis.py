@@ -11,18 +11,14 @@ from keeplora_hf.analysis import (
     FinetuneSpec,
     LayerSpectrum,
     WeightSnapshot,
-    _perturb_residual,
-    _principal_only,
-    _reset_energy,
-    _residual_only,
-    _spectra,
-    _train_lora,
-    _training_batches,
     analyze,
     depth_groups,
     stack_position,
     target_linears,
 )
+from keeplora_hf.analysis.interventions import perturb_residual, principal_only, residual_only, target_spectra
+from keeplora_hf.analysis.measure import _reset_energy
+from keeplora_hf.analysis.probe import train_lora, training_batches
 from keeplora_hf.subspace.principal import energy_rank, principal_basis
 from keeplora_hf.tuner.layer import layer_scales
 
@@ -47,7 +43,7 @@ def _assert_bit_identical(model, before):
 def setup(tiny):
     modules = target_linears(tiny.model, tiny.language_targets)
     snapshot = WeightSnapshot(modules)
-    return tiny, list(modules), snapshot, _spectra(snapshot)
+    return tiny, list(modules), snapshot, target_spectra(snapshot)
 
 
 # Intra-layer ----------------------------------------------------------------------------------------------------
@@ -58,7 +54,7 @@ def test_principal_only_at_energy_one_leaves_outputs_unchanged(setup):
     batch = tiny.make_batch(3, 5)
     before = _logits(tiny.model, batch)
     with snapshot.intervention():
-        _principal_only(snapshot, spectra, names, 1.0)
+        principal_only(snapshot, spectra, names, 1.0)
         assert not snapshot.identical()  # the weights were really rewritten (float64 round trip)
         torch.testing.assert_close(_logits(tiny.model, batch), before, atol=1e-5, rtol=1e-5)
     assert snapshot.identical()
@@ -70,10 +66,10 @@ def test_residual_only_at_energy_zero_is_the_model_and_at_one_removes_every_weig
     batch = tiny.make_batch(2, 6)
     before = _logits(tiny.model, batch)
     with snapshot.intervention():
-        _residual_only(snapshot, spectra, names, 0.0)
+        residual_only(snapshot, spectra, names, 0.0)
         torch.testing.assert_close(_logits(tiny.model, batch), before, atol=1e-5, rtol=1e-5)
     with snapshot.intervention():
-        _residual_only(snapshot, spectra, names, 1.0)
+        residual_only(snapshot, spectra, names, 1.0)
         assert max(snapshot.modules[n].weight.abs().max().item() for n in names) < 1e-5
     assert snapshot.identical()
 
@@ -102,7 +98,7 @@ def test_residual_perturbation_touches_only_the_group_and_only_its_residual(setu
     tiny, names, snapshot, spectra = setup
     group = [n for n in names if ".layers.1." in n]
     with snapshot.intervention():
-        _perturb_residual(snapshot, spectra, group, 0.6, 0.5, seed=3)
+        perturb_residual(snapshot, spectra, group, 0.6, 0.5, seed=3)
         for name in names:
             changed = snapshot.modules[name].weight.detach().double() - snapshot.original[name].double()
             if name not in group:
@@ -145,7 +141,7 @@ def test_lora_probe_trains_only_its_group_and_leaves_the_base_weights(setup):
                         rank=2, learning_rate=1e-2)
     batch = tiny.make_batch(2, 9)
     before = _logits(tiny.model, batch)
-    peft_model = _train_lora(tiny.model, group, spec, _training_batches(spec), merge=False)
+    peft_model = train_lora(tiny.model, group, spec, training_batches(spec), merge=False)
     lora_layers = {n.removeprefix("base_model.model.").removesuffix(".lora_A.default")
                    for n, _ in peft_model.named_modules() if n.endswith(".lora_A.default")}
     assert lora_layers == set(group)
@@ -261,7 +257,7 @@ def test_reset_energy_is_where_resetting_every_target_starts_to_lose_general_kno
 
 def test_input_share_is_the_inputs_energy_inside_the_methods_principal_basis(setup, tiny_sets):
     """`‖x P‖² / ‖x‖²` of every target input seen while a set is evaluated, P the method's own principal basis."""
-    from keeplora_hf.analysis import _Context, _input_share
+    from keeplora_hf.analysis.measure import _Context, _input_share
 
     tiny, names, snapshot, spectra = setup
     ctx = _Context(tiny.model, tiny_sets, ["general"], ["task"], snapshot, spectra, names)

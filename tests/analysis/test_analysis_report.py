@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from keeplora_hf.analysis import analyze, precollated_eval_set
-from keeplora_hf.analysis_report import PLOTS, markdown_summary, write_analysis
+from keeplora_hf.analysis.report import PLOTS, markdown_summary, write_analysis
 from keeplora_hf.continual.evaluation import answer_exact_match
 from keeplora_hf.data.collators import VLMChatCollator
 from keeplora_hf.data.synthetic.tasks import make_task

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from keeplora_hf import recipes_common
+from keeplora_hf.recipes import tasks as recipe_tasks
 from keeplora_hf.analysis import analyze_recipe
 from keeplora_hf.cli_analyze import main
 from keeplora_hf.models import build_tiny
@@ -103,7 +103,7 @@ def test_each_set_keeps_its_recipe_metric_and_general_sets_are_general(tmp_path,
         calls.append((normalizer, batch_size, max_new_tokens))
         return lambda model, dataset: score[normalizer]
 
-    monkeypatch.setattr(recipes_common, "generation_metric", fake_generation_metric)
+    monkeypatch.setattr(recipe_tasks, "generation_metric", fake_generation_metric)
     held_out = {"name": "held_out", "eval_file": "pair/eval.json", "metric": "vqa", "max_new_tokens": 2}
     results = analyze_recipe(_tiny_config(tmp_path, general_sets=[held_out]), ["--data_root", str(tmp_path / "data")],
                              finetune=None, **SMALL)

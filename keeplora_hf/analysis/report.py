@@ -17,8 +17,9 @@ from typing import Any
 import matplotlib
 import numpy as np
 
-from .continual.checkpoint import atomic_write, atomic_write_json
-from .continual.report import new_figure, save_png, to_jsonable
+from ..continual.checkpoint import atomic_write, atomic_write_json
+from ..continual.report import new_figure, save_png, to_jsonable
+from .eval_sets import retention
 
 __all__ = ["PLOTS", "markdown_summary", "plot_depth", "plot_intra_layer", "plot_spectra", "write_analysis"]
 
@@ -302,8 +303,6 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
 
 
 def _retention_rows(results: Mapping[str, Any], measurements: Mapping[str, Any], reference: Mapping[str, float]) -> list[list[str]]:
-    from .analysis import retention
-
     names = [*results["general_sets"], *results["task_sets"]]
     chance = {n: results["eval_sets"][n]["chance"] for n in names}
     return [[f"ε={key}", *(_pct(retention(m["accuracy"][n], reference[n], chance[n])) for n in names)]
