@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from .continual.checkpoint import read_json
+from .continual.run_dir import ADAPTER_FILES, ROW_ZERO, RUN_FILE, TASKS_DIR
 
 _BASE_HELP = (
     "the pre-trained model the run started from, as a Hub id or a local directory, to rebuild the run for the "
@@ -21,7 +23,8 @@ def add_push_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         description="Push a ContinualRunner output directory to a Hub model repo in one commit. Nothing in RUN_DIR is "
         "changed. Continue from the pushed run with keeplora_hf.hub.load_run / seed_run_dir.",
     )
-    push.add_argument("run_dir", help="the runner's output directory (run.json, row_000.json, tasks/NNN_<name>/...)")
+    push.add_argument("run_dir",
+                      help=f"the runner's output directory ({RUN_FILE}, {ROW_ZERO}, {TASKS_DIR}/NNN_<name>/...)")
     push.add_argument("repo_id", help="the Hub model repo, 'namespace/name' (created if missing)")
     push.add_argument("--base-model", default=None, help=_BASE_HELP)
     push.add_argument(
@@ -92,6 +95,6 @@ def _export(args: argparse.Namespace) -> None:
                          revision=args.revision, overwrite=args.overwrite)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, HubOfflineError) as error:
         raise SystemExit(f"keeplora-hf export: error: {error}") from None
-    config = json.loads((Path(out) / "adapter_config.json").read_text())
+    config = read_json(Path(out) / ADAPTER_FILES[0])
     ranks = sorted(set(config.get("rank_pattern", {}).values()) or {config["r"]})
     print(f"wrote a plain LoRA (rank {'/'.join(map(str, ranks))}) to {out}")

@@ -22,6 +22,7 @@ from .continual.checkpoint import atomic_write_json, read_json
 from .continual.evaluation import answer_exact_match
 from .continual.metrics import METRIC_NAMES, compute_all
 from .continual.report import terminal_summary, to_jsonable, write_report
+from .continual.run_dir import RESULTS_FILE
 from .data.collators import VLMChatCollator
 from .data.formats import load_llava_json, load_video_qa_json
 from .data.synthetic.tasks import IMAGE_TASKS
@@ -166,7 +167,7 @@ def _video_sequence(data: dict[str, Any], settings: DemoSettings) -> Sequence:
 
 
 def _run_method(method: Method, sequence: Sequence, settings: DemoSettings, seed: int, out: Path) -> dict[str, Any]:
-    if (out / "results.json").exists() and not settings.overwrite:
+    if (out / RESULTS_FILE).exists() and not settings.overwrite:
         return _finished(out, settings)
     base = sequence.load_base().to(getattr(torch, settings.dtype))
     tasks, general = sequence.tasks, sequence.general
@@ -187,7 +188,7 @@ def _run_method(method: Method, sequence: Sequence, settings: DemoSettings, seed
 
 def _finished(out: Path, settings: DemoSettings) -> dict[str, Any]:
     """A finished run's results, refused when it was run with other settings: a changed flag must not be ignored."""
-    results = read_json(out / "results.json")
+    results = read_json(out / RESULTS_FILE)
     recorded = (results.get("config") or {}).get("demo", {})
     current = to_jsonable(_training_settings(settings))
     differing = sorted(k for k in recorded.keys() & current.keys() if recorded[k] != current[k])
@@ -253,7 +254,7 @@ def _entry(
         },
     }
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", to_jsonable(results))
+    atomic_write_json(out / RESULTS_FILE, to_jsonable(results))
     return results
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -14,8 +12,8 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import nn
 
-from .continual.checkpoint import with_default_mode
-from .continual.runner import RUN_FILE
+from .continual.checkpoint import atomic_directory
+from .continual.run_dir import ADAPTER_FILES, RUN_FILE
 from .tuner.layer import FinishedTask, layer_state
 from .tuner.model import keeplora_layers, tuner_of
 
@@ -96,22 +94,9 @@ def check_export_target(path: Path, overwrite: bool) -> None:
 
 def _write_atomically(path: Path, config: LoraConfig, tensors: dict[str, torch.Tensor], overwrite: bool) -> Path:
     check_export_target(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as staging:  # an old export is moved aside, not deleted, until the new one is in place
         config.save_pretrained(str(staging))
-        save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
-        with open(staging / "adapter_config.json") as f:
+        save_file(tensors, str(staging / ADAPTER_FILES[1]), metadata={"format": "pt"})
+        with open(staging / ADAPTER_FILES[0]) as f:
             json.load(f)  # fail here, not in the consumer, if the config did not serialise
-        with_default_mode(staging)
-        if path.exists():  # moved aside, not deleted, until the new adapter is in place
-            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, aside / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path

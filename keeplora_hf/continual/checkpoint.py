@@ -56,7 +56,11 @@ class RunLock:
 
 @contextlib.contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a staging directory beside `final` and rename it into place only if the block succeeds."""
+    """Yield a staging directory beside `final` and rename it into place only if the block succeeds.
+
+    An existing `final` is replaced, but moved aside rather than deleted until the new directory is in place, so an
+    interruption leaves the old directory or the new one, never neither (callers refuse to replace what they must not).
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f"{STAGING_PREFIX}{final.name}.*"):
         shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while writing
@@ -66,8 +70,12 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         yield staging
         _fsync_tree(staging)
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+            aside = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}.old.", dir=final.parent))
+            os.replace(final, aside / final.name)
+            os.replace(staging, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -95,8 +103,12 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    """The JSON in `path`; a file that does not parse is a `ValueError` naming it (a run was copied or edited badly)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON in UTF-8 ({error}): the file is incomplete or corrupt") from None
 
 
 def complete_trainer_checkpoint(path: Path) -> bool:

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from .checkpoint import atomic_write
 from .metrics import METRIC_NAMES, as_accuracy_matrix, check_general, compute_all
 
+RESULTS_FILE = "results.json"
 MISSING = "–"  # markdown: not evaluated / undefined
 TERMINAL_MISSING = "-"  # ASCII, so printing never fails on a non-UTF-8 console at the end of a long run
 METRIC_HELP = {
@@ -237,7 +238,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
         raise ValueError(f"method names {list(methods)} map to the same plot file names; rename one")
     markdown = markdown_report(results)  # validates every method before anything is written
     payload = json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n"
-    written = [out / "results.json"]
+    written = [out / RESULTS_FILE]
     atomic_write(written[0], lambda f: f.write(payload.encode()))
     tasks = list(results["tasks"])
     for (method, entry), (heatmap, curve) in zip(methods.items(), names):

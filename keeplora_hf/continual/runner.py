@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from accelerate import PartialState
 from peft import PeftModel
 from torch import nn
@@ -34,13 +32,12 @@ from .checkpoint import (
     complete_trainer_checkpoint,
     read_json,
 )
-from .metrics import compute_all
 from .report import terminal_summary, write_report
+from .run_dir import ADAPTER_DIR, RunLayout, current_versions, describe_run, run_results
 
 logger = logging.getLogger(__name__)
 
 Metric = Callable[[nn.Module, Any], float]
-RUN_FILE = "run.json"
 
 
 @dataclass
@@ -70,11 +67,11 @@ class ContinualRunner:
     Trainer class or factory, called like `Trainer(model=, args=, train_dataset=, data_collator=, **trainer_kwargs)`,
     e.g. TRL's `SFTTrainer`) replaces them; a `KeepLoRACallback` is attached to it unless it has one.
 
-    Layout of `output_dir`: `run.json` (what the run is, to refuse mixing runs), `row_000.json` (the model before
-    any task), `tasks/NNN_<name>/` (the adapter after task NNN with its continual state, and `row.json`, its
-    accuracy row), `trainer/NNN_<name>/` (the Trainer's own mid-task checkpoints and TensorBoard logs), then
-    `results.json`, the plots and `report.md`. Every directory and JSON file is written atomically, so running the
-    same command again after an interruption continues from the last completed step and never trusts a half write.
+    `output_dir` is laid out as `keeplora_hf.continual.run_dir` says: `run.json` (what the run is, to refuse mixing
+    runs), one accuracy row and one adapter per task, the Trainer's own checkpoints, then `results.json`, the plots
+    and `report.md`. Every directory and JSON file is written atomically, so running the same command again after an
+    interruption continues from the last completed step and never trusts a half write. To continue a saved or pushed
+    run, or push the result to the Hub, see `keeplora_hf.hub.continue_from` and `keeplora_hf.hub.run_and_push`.
     """
 
     def __init__(
@@ -91,15 +88,13 @@ class ContinualRunner:
         overwrite: bool = False,
         trainer_kwargs: dict[str, Any] | None = None,
         trainer_class: Callable[..., Trainer] | None = None,
-        continue_from: str | Path | None = None,
-        push_to_hub: str | None = None,
-        hub_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.tasks = list(tasks)
         self.general_sets = list(general_sets)
         self.args = args
         self.output_dir = Path(output_dir)
+        self.layout = RunLayout(self.output_dir, tuple(t.name for t in self.tasks))
         self.data_collator = data_collator
         self.method = method
         self.trainer_kwargs = trainer_kwargs or {}
@@ -111,15 +106,10 @@ class ContinualRunner:
         self.adapter = model.active_adapter
         self.learned = 0  # tasks learned so far, restored by resume
         _validate_tasks(self.tasks, self.general_sets)
-        self.push_to_hub = push_to_hub
-        self.hub_kwargs = hub_kwargs or {}
-        if push_to_hub is not None:
-            from ..hub import check_repo_id
-
-            check_repo_id(push_to_hub)  # a malformed id fails now, not after the whole sequence
-        self.run_config = self._describe(run_config or {})
-        if continue_from is not None:
-            self._seed(continue_from)
+        self.run_config = describe_run(
+            method, self.tasks, [g.name for g in self.general_sets], model.peft_config[self.adapter].to_dict(), args,
+            run_config or {},
+        )
         self._lock = RunLock(self.output_dir)
         if self.state.is_main_process:
             self._lock.acquire()  # released at the end of run(), or when this process ends
@@ -138,28 +128,28 @@ class ContinualRunner:
         rows = self._resume()
         if 0 not in rows:
             rows[0] = self._evaluate_row(0, {})
-            self._write_json(self.output_dir / "row_000.json", rows[0])
+            self._write_row(0, rows[0])
         for index, task in enumerate(self.tasks, start=1):
             if index in rows:
                 continue
             timings = self._learn(index, task)
             rows[index] = self._evaluate_row(index, timings)
-            self._write_json(self._task_dir(index) / "row.json", rows[index])
-        results = self._results(rows)
+            self._write_row(index, rows[index])
+        results = run_results(
+            [t.name for t in self.tasks], self.method, [g.name for g in self.general_sets],
+            [rows[i] for i in range(len(self.tasks) + 1)], config=self.run_config, seed=self.args.seed,
+            versions=current_versions(),
+        )
         if self.state.is_main_process:
             write_report(results, self.output_dir)
             print(terminal_summary(results))
-            if self.push_to_hub is not None and self.keeplora:
-                from ..hub import push_run
-
-                push_run(self.output_dir, self.push_to_hub, model=self.model, **self.hub_kwargs)
         self.state.wait_for_everyone()
         return results
 
     # -- one task ---------------------------------------------------------------------------------------------
 
     def _learn(self, index: int, task: ContinualTask) -> dict[str, float]:
-        trainer_dir = self.output_dir / "trainer" / self._slug(index)
+        trainer_dir = self.layout.trainer_dir(index)
         args = dataclasses.replace(self.args, output_dir=str(trainer_dir))
         trainer_class = self.trainer_class or (KeepLoRATrainer if self.keeplora else Trainer)
         trainer = trainer_class(
@@ -192,8 +182,8 @@ class ContinualRunner:
         end_s = time.perf_counter() - start
         self.learned = index
         if self.state.is_main_process:
-            with atomic_directory(self._task_dir(index)) as staging:
-                self.model.save_pretrained(str(staging / "adapter"))
+            with atomic_directory(self.layout.task_dir(index)) as staging:
+                self.model.save_pretrained(str(staging / ADAPTER_DIR))
         self.state.wait_for_everyone()
         if self.state.is_main_process:
             for stale in trainer_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
@@ -223,56 +213,10 @@ class ContinualRunner:
             "timings_s": {**timings, "eval": time.perf_counter() - start},
         }
 
-    # -- results ----------------------------------------------------------------------------------------------
-
-    def _results(self, rows: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        ordered = [rows[i] for i in range(len(self.tasks) + 1)]
-        matrix = [row["accuracies"] for row in ordered]
-        general = {g.name: [row["general"][g.name] for row in ordered] for g in self.general_sets}
-        timings: dict[str, float] = {"train": 0.0, "task_boundary": 0.0, "eval": 0.0}
-        for row in ordered:
-            for key, value in row["timings_s"].items():
-                timings[key] = timings.get(key, 0.0) + value
-        metrics = compute_all(np.array(matrix, dtype=float), general or None)
-        return {
-            "tasks": [t.name for t in self.tasks],
-            "methods": {
-                self.method: {"accuracy_matrix": matrix, "general": general, "metrics": metrics, "timings_s": timings}
-            },
-            "config": self.run_config,
-            "seed": self.args.seed,
-            "versions": _versions(),
-        }
-
     # -- output directory and resume --------------------------------------------------------------------------
 
-    def _describe(self, extra: dict[str, Any]) -> dict[str, Any]:
-        config = self.model.peft_config[self.adapter].to_dict()
-        keys = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-                "gradient_accumulation_steps", "weight_decay", "lr_scheduler_type", "warmup_steps", "seed",
-                "max_grad_norm", "optim")
-        return {
-            "method": self.method,
-            "tasks": [t.name for t in self.tasks],
-            "general_sets": [g.name for g in self.general_sets],
-            "peft_config": json.loads(json.dumps(config, default=str, sort_keys=True)),
-            "training": {k: _plain(getattr(self.args, k)) for k in keys},
-            "data": {t.name: data_fingerprint(t.train_dataset) for t in self.tasks},
-            **extra,
-        }
-
-    def _seed(self, source: str | Path) -> None:
-        """Start a new output directory from a saved run or a pushed repo (`keeplora_hf.hub.seed_run_dir`): the
-        sequence given must begin with that run's tasks; `_resume` then restores its last state."""
-        if self.state.is_main_process and not (self.output_dir / RUN_FILE).exists():
-            from ..hub import seed_run_dir
-
-            hub = {k: v for k, v in self.hub_kwargs.items() if k in ("token",)}
-            seed_run_dir(source, self.output_dir, self.tasks, **hub)
-        self.state.wait_for_everyone()
-
     def _claim_output_dir(self, overwrite: bool) -> None:
-        run_file = self.output_dir / RUN_FILE
+        run_file = self.layout.run_file
         replace = False
         if run_file.exists():
             saved = read_json(run_file)
@@ -303,48 +247,43 @@ class ContinualRunner:
     def _resume(self) -> dict[int, dict[str, Any]]:
         """Rows already written, with the model restored to the last completed task."""
         rows: dict[int, dict[str, Any]] = {}
-        if (self.output_dir / "row_000.json").exists():
-            rows[0] = read_json(self.output_dir / "row_000.json")
+        if self.layout.row_file(0).exists():
+            rows[0] = read_json(self.layout.row_file(0))
         last_adapter = None
         for index in range(1, len(self.tasks) + 1):
-            task_dir = self._task_dir(index)
-            if (task_dir / "adapter").exists():
-                last_adapter = task_dir / "adapter"
-            elif not (task_dir / "row.json").exists():
+            if self.layout.adapter_dir(index).exists():
+                last_adapter = index
+            elif not self.layout.row_file(index).exists():
                 break
             # a task dir with only row.json was learned; a later adapter carries its state (a run seeded from the Hub)
-            if (task_dir / "row.json").exists():
-                rows[index] = read_json(task_dir / "row.json")
+            if self.layout.row_file(index).exists():
+                rows[index] = read_json(self.layout.row_file(index))
         if last_adapter is not None:
             if self.keeplora and (self.model.base_model.progress(self.adapter).task_index or self.learned):
                 raise ValueError("resuming needs a fresh model: this one has already learned tasks")
-            logger.info("resuming after %s", last_adapter.parent.name)
-            self.model.load_adapter(str(last_adapter), self.adapter, is_trainable=True)
-            self.learned = int(last_adapter.parent.name.split("_", 1)[0])
+            logger.info("resuming after %s", self.layout.slug(last_adapter))
+            self.model.load_adapter(str(self.layout.adapter_dir(last_adapter)), self.adapter, is_trainable=True)
+            self.learned = last_adapter
         done = self.learned
         orphans = [i for i in rows if i > done]
         if orphans:
             raise RuntimeError(
-                f"{self._task_dir(orphans[0])} has a row.json, but neither it nor a later task has an adapter: the run "
-                "directory is inconsistent"
+                f"{self.layout.task_dir(orphans[0])} has a row.json, but neither it nor a later task has an adapter: "
+                "the run directory is inconsistent"
             )
         missing = [i for i in range(1, done + 1) if i not in rows]
         for index in missing:  # interrupted during evaluation: the task is learned, only its row is missing
             if index != done:
-                raise RuntimeError(f"{self._task_dir(index)} has an adapter but no row.json, yet later tasks exist")
+                raise RuntimeError(
+                    f"{self.layout.task_dir(index)} has an adapter but no row.json, yet later tasks exist"
+                )
             rows[index] = self._evaluate_row(index, {})
-            self._write_json(self._task_dir(index) / "row.json", rows[index])
+            self._write_row(index, rows[index])
         return rows
 
-    def _task_dir(self, index: int) -> Path:
-        return self.output_dir / "tasks" / self._slug(index)
-
-    def _slug(self, index: int) -> str:
-        return f"{index:03d}_{self.tasks[index - 1].name}"
-
-    def _write_json(self, path: Path, payload: dict[str, Any]) -> None:
+    def _write_row(self, index: int, row: dict[str, Any]) -> None:
         if self.state.is_main_process:
-            atomic_write_json(path, payload)
+            atomic_write_json(self.layout.row_file(index), row)
         self.state.wait_for_everyone()
 
 
@@ -415,34 +354,3 @@ def _last_complete_checkpoint(trainer_dir: Path) -> Path | None:
         reverse=True,
     )
     return next((p for p in candidates if complete_trainer_checkpoint(p)), None)
-
-
-def data_fingerprint(dataset: Any) -> str:
-    """Size plus a hash of the first rows' plain values: stable across processes, unlike datasets' own fingerprint."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in sorted(value.items())}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if hasattr(value, "tolist"):
-            return value.tolist()
-        return value if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
-
-    head = [plain(dataset[i]) for i in range(min(len(dataset), 8))]
-    return f"{len(dataset)}:{hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()[:16]}"
-
-
-def _plain(value: Any) -> Any:
-    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    from .. import __version__
-
-    return {"keeplora_hf": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__}

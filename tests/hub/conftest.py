@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "continual"))
 
@@ -79,6 +80,14 @@ def fresh_base():
     from keeplora_hf.models import build_tiny
 
     return build_tiny("llava").model
+
+
+def logits(model, tiny) -> torch.Tensor:
+    """The model's logits on a fixed batch of the tiny VLM, in eval mode: to compare two models' outputs."""
+    batch = tiny.make_batch(2, 7)
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
 
 
 def _real_signature(method):

@@ -16,6 +16,7 @@ from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file
 
 from keeplora_hf.continual import ContinualRunner
+from keeplora_hf.continual.checkpoint import STAGING_PREFIX
 from keeplora_hf.hub import HubOfflineError, export_run, load_run, open_run, push_run, render_card, seed_run_dir
 from keeplora_hf.tuner.model import continual_state_dict
 
@@ -127,7 +128,7 @@ def test_seeding_refuses_what_cannot_continue(toy_run, hub_repo, tmp_path):
     with pytest.raises(ValueError, match="'rule0': its training data differs"):
         seed_run_dir(toy_run, tmp_path / "b", tasks=tasks)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    assert not list(tmp_path.glob(".seed-*"))
+    assert not list(tmp_path.glob(f"{STAGING_PREFIX}*"))
     with pytest.raises(ValueError, match="the Hub has no repo 'me/missing'"):
         open_run("me/missing")
     with pytest.raises(ValueError, match="neither a run directory nor a valid Hub repo id"):

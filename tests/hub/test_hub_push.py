@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from keeplora_hf.hub import HubOfflineError, load_run, push_run, render_card
 from keeplora_hf.models import build_tiny
 
-from conftest import FakeHfApi, fresh_base, tree_digest
+from conftest import FakeHfApi, fresh_base, logits, tree_digest
 
 MAIN_FILES = {
     "README.md", "adapter_config.json", "adapter_model.safetensors", "plain_lora/adapter_config.json",
@@ -40,13 +40,6 @@ def matrix_lines(results: dict) -> list[str]:
         "| " + " | ".join([label, *(f"{100 * v:.1f}" for v in [*row, general[i]])]) + " |"
         for i, (label, row) in enumerate(zip(labels, matrix))
     ]
-
-
-def logits(model, tiny) -> torch.Tensor:
-    batch = tiny.make_batch(2, 7)
-    model.eval()
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def test_push_is_one_commit_with_adapter_state_export_results_plots_and_our_card(toy_run, tmp_path):
@@ -264,7 +257,7 @@ def test_a_base_of_the_same_shapes_is_checked_in_both_state_layouts(request, run
 def test_principal_energies_accept_a_rounded_base_and_refuse_another():
     """The energies check at a realistic width: the same weight rounded to bfloat16 moves them ~1e-5 of the largest,
     within the tolerance; another weight of the same shape and statistics moves them ~1e-2, outside it."""
-    from keeplora_hf.hub import _energies_misfit
+    from keeplora_hf.hub.load import _energies_misfit
     from keeplora_hf.subspace import principal_basis
 
     weights = [torch.randn(512, 1024, generator=torch.Generator().manual_seed(seed)) * 0.02 for seed in (0, 1)]

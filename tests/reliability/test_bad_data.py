@@ -60,7 +60,7 @@ def test_media_paths_that_leave_the_data_folder_are_refused(tmp_path, where):
 
 
 def test_a_truncated_adapter_file_is_named(tmp_path):
-    from keeplora_hf.hub import _state_task_index
+    from keeplora_hf.continual.run_dir import _state_task_index
 
     (tmp_path / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
     with pytest.raises(ValueError, match="adapter_model.safetensors .*incomplete or corrupt"):

@@ -122,13 +122,14 @@ def test_export_refuses_a_non_empty_target_and_never_replaces_a_run(tmp_path):
 
 def test_export_run_refuses_to_write_into_the_run_it_reads(tmp_path, monkeypatch):
     from keeplora_hf import hub
+    from keeplora_hf.hub import seed
 
     class Info:
         root = tmp_path / "run"
         source = "runs/x"
 
     Info.root.mkdir()
-    monkeypatch.setattr(hub, "open_run", lambda *a, **k: Info)
+    monkeypatch.setattr(seed, "open_run", lambda *a, **k: Info)
     for out in (Info.root, Info.root / "export", tmp_path):
         with pytest.raises(ValueError, match="is the run"):
             hub.export_run(Info.root, out)
