@@ -6,6 +6,7 @@ check. In a single process every function is the plain single-process computatio
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .sharding import is_fully_sharded
 from .statistics import all_reduce_sum_
 
 __all__ = ["gather_lists", "rank_and_world", "sharded_scores"]
@@ -51,16 +53,22 @@ def sharded_scores(
     rank, world = rank_and_world()
     size = len(dataset) if max_rows is None else min(len(dataset), max_rows)
     indices = range(rank, size, world)
+    # a model sharded by FSDP2 gathers its weights inside every forward, so every rank must run as many batches: a
+    # rank whose rows ran out scores its last batch again and discards the result
+    batches = math.ceil(math.ceil(size / world) / batch_size) if is_fully_sharded(model) else None
     total = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(indices), batch_size):
+            starts = list(range(0, len(indices), batch_size))
+            for start in starts:
                 rows = [dataset[i] for i in indices[start : start + batch_size]]
                 for value in score_rows(rows):
                     total[0] += value
                 total[1] += len(rows)
+            for _ in range(len(starts), batches or 0):
+                list(score_rows([dataset[indices[-1] if len(indices) else 0]]))
     finally:
         model.train(was_training)
     return all_reduce_sum_(total)

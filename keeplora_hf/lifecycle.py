@@ -12,6 +12,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from .sharding import assign_, full_value, local_value
 from .statistics import (
     LossFn,
     all_reduce_sum_,
@@ -124,8 +125,7 @@ def begin_task(
             set_layer_state(module, adapter, state)
         rows = _initial_rows(config.lora_A_init, directions.pop(name, None), module, state.subspace(), rank)
         lora_A = module.lora_A[adapter].weight
-        with torch.no_grad():
-            lora_A.copy_(rows.to(lora_A.dtype))
+        assign_(lora_A, rows)
         lora_A.requires_grad_(config.train_lora_A)
         module.lora_B[adapter].weight.requires_grad_(True)
     if cramped:
@@ -365,7 +365,7 @@ _MEMORY_SEED_OFFSET = 500_009
 def _check_lora_A_in_residual(layers: dict[str, LoraLayer], adapter: str) -> None:
     """A trained `A` must have been re-projected after every step; refuse to keep a task whose `A` left the residual."""
     for name, module in layers.items():
-        lora_A = module.lora_A[adapter].weight.detach().float()
+        lora_A = full_value(module.lora_A[adapter].weight.detach()).float()
         inside = layer_state(module, adapter).subspace().project_onto(lora_A).norm()
         if inside > 1e-4 * lora_A.norm():
             raise RuntimeError(
@@ -398,7 +398,9 @@ def _finish_layer(
     merge: bool,
 ) -> None:
     lora_A, lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-    task = FinishedTask(lora_A.detach().float().clone(), lora_B.detach().float().clone(), float(module.scaling[adapter]))
+    task = FinishedTask(
+        full_value(lora_A.detach()).float().clone(), full_value(lora_B.detach()).float().clone(), float(module.scaling[adapter])
+    )
     with torch.no_grad():
         lora_A.zero_()
         lora_B.zero_()
@@ -420,8 +422,8 @@ def project_lora_A_(model: nn.Module) -> None:
     adapter, layers = _projected_layers(model)
     with torch.no_grad():
         for module in layers:
-            lora_A = module.lora_A[adapter].weight
-            if lora_A.requires_grad:
+            if module.lora_A[adapter].weight.requires_grad:
+                lora_A = local_value(module.lora_A[adapter].weight)  # its rows: sharded by FSDP2, each rank its own
                 subspace = layer_state(module, adapter).subspace()  # cached: the basis (or complement) in float32
                 if lora_A.dtype == torch.float32:
                     subspace.project_out_(lora_A)

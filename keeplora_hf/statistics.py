@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data.collators import IGNORE_INDEX
+from .sharding import is_fully_sharded
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -231,9 +232,8 @@ class _StopForward(BaseException):
 
 def _early_exit_is_safe(model: nn.Module) -> bool:
     """Aborting a forward is harmless unless a sharding wrapper gathers parameters in forward hooks (FSDP, ZeRO-3)."""
-    for module in model.modules():
-        if "FullyShardedDataParallel" in type(module).__name__:
-            return False
+    if is_fully_sharded(model) or any("FullyShardedDataParallel" in type(m).__name__ for m in model.modules()):
+        return False
     return not any(hasattr(p, "ds_id") for p in model.parameters())
 
 

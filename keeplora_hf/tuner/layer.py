@@ -9,7 +9,6 @@ dtype: `model.to(torch.bfloat16)` leaves the bases in `state_dtype` and finished
 
 from __future__ import annotations
 
-import re
 import weakref
 from dataclasses import dataclass
 
@@ -18,8 +17,10 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from ..sharding import full_value, local_part, local_value
 from ..subspace.basis import WORK_DTYPE, Subspace, orthogonal_complement, orthonormalize
 from ..subspace.principal import principal_basis, ritz_energies
+from .depth import stack_position
 
 STATE_ATTR = "keeplora_state"
 #: dtype of finished tasks' A and B, and of the frozen branch that applies them
@@ -55,7 +56,7 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     base = module.get_base_layer() if isinstance(module, LoraLayer) else module
     weight = base.weight
     if weight.dtype.is_floating_point and weight.ndim == 2:
-        return weight.detach()
+        return full_value(weight.detach())
     d_in = base.in_features
     device = weight.device
     columns = []
@@ -496,34 +497,24 @@ def merged_delta(tasks: list[FinishedTask]) -> torch.Tensor:
 
 def apply_delta_(weight: torch.Tensor, delta: torch.Tensor) -> None:
     """Add a float32 update into a base weight, rounded once to its dtype. Used for training and for reloading, so both
-    give the same bits."""
-    delta = delta.to(weight.device)
-    if weight.dtype == delta.dtype:  # the same single rounding, without a transient copy of the weight
-        weight.data.add_(delta)
+    give the same bits. A weight sharded by FSDP2 is changed shard by shard, each rank adding its own rows."""
+    target, delta = local_value(weight.data), local_part(weight, delta)  # a sharded weight: this rank's rows
+    if target.dtype == delta.dtype:  # the same single rounding, without a transient copy of the weight
+        target.add_(delta)
     else:
-        weight.data.copy_((weight.data.to(delta.dtype) + delta).to(weight.dtype))
-
-
-_INDEX = re.compile(r"^\d+$")
+        target.copy_((target.to(delta.dtype) + delta).to(target.dtype))
 
 
 def layer_scales(model: nn.Module, names: list[str], gamma: float) -> dict[str, float]:
-    """KeepLoRA++'s `s_l = gamma + (1 - gamma) * l / (L - 1)` for each target, depth counted per transformer stack.
-
-    A stack is the outermost `nn.ModuleList` on a target's path (so a vision tower and a language model are counted
-    separately, and experts inside a layer do not count as depth). Targets outside any stack get 1.0.
+    """KeepLoRA++'s `s_l = gamma + (1 - gamma) * l / (L - 1)` for each target, depth counted per transformer stack
+    (`depth.stack_position`). Targets outside any stack, or in a one-layer stack, get 1.0.
     """
-    modules = dict(model.named_modules())
     scales = {}
     for name in names:
-        parts = name.split(".")
+        position = stack_position(model, name)
         scale = 1.0
-        for i in range(1, len(parts) - 1):
-            container = modules.get(".".join(parts[:i]))
-            if isinstance(container, nn.ModuleList) and _INDEX.match(parts[i]):
-                depth, count = int(parts[i]), len(container)
-                if count > 1:
-                    scale = gamma + (1.0 - gamma) * depth / (count - 1)
-                break
+        if position is not None and position[2] > 1:
+            _, depth, count = position
+            scale = gamma + (1.0 - gamma) * depth / (count - 1)
         scales[name] = scale
     return scales

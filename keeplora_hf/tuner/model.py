@@ -7,6 +7,7 @@ import torch
 from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
+from ..sharding import full_value
 from .layer import has_layer_state, layer_scales, layer_state
 from .registration import KEEPLORA_PEFT_TYPE
 from .state_io import STATE_KEY, TaskProgress, install_state, state_tensors
@@ -80,6 +81,9 @@ class KeepLoRAModel(LoraModel):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # weights sharded by FSDP2 are gathered whole, adapter tensor by adapter tensor (never the base model), on
+        # every rank: call `save_pretrained(..., is_main_process=...)` on all ranks, as PEFT and accelerate do
+        to_return = {key: full_value(value) for key, value in to_return.items()}
         to_return.update(continual_state_dict(model, adapter_name))
         return to_return
 

@@ -33,8 +33,10 @@ def samples(tiny, rule: int, count: int, seed: int) -> list[dict[str, torch.Tens
     return out
 
 
-def toy_model(**overrides):
+def toy_model(dtype: torch.dtype = torch.float32, **overrides):
+    """The tiny LLaVA under KeepLoRA, its base cast to `dtype` before wrapping (as a user loads a checkpoint)."""
     tiny = build_tiny("llava")
+    tiny.model.to(dtype)
     settings = dict(r=4, lora_alpha=8, target_modules=tiny.language_targets, gradient_data_ratio=0.5, principal_energy=0.3,
                     feature_energy=0.9)
     config = KeepLoRAConfig(**{**settings, **overrides})
