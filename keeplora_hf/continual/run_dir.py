@@ -27,7 +27,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from ..tuner.model import STATE_KEY
-from ..tuner.registration import KEEPLORA_PEFT_TYPE
+from ..tuner.peft_type import KEEPLORA_PEFT_TYPE
 from .checkpoint import read_json
 from .metrics import compute_all
 from .report import RESULTS_FILE, to_jsonable

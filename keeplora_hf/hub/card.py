@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from ..continual.metrics import METRIC_NAMES, compute_all
 from ..continual.report import MISSING, METRIC_HELP, format_percent, markdown_table, matrix_rows, plot_names
 from ..continual.run_dir import ADAPTER_FILES, RESULTS_FILE, ROW_FILE, ROW_ZERO, RUN_FILE, TASKS_DIR, RunInfo
-from ..tuner.registration import KEEPLORA_PEFT_TYPE
+from ..tuner.peft_type import KEEPLORA_PEFT_TYPE
 from .repo import hub_model_id, open_run
 
 # the card templates: model_cards/ at the repository root, reached through the package link keeplora_hf/model_cards

@@ -1,8 +1,9 @@
-"""The KEEPLORA tuner, laid out like PEFT's own tuners (config, layer, model)."""
+"""The KEEPLORA tuner, laid out like PEFT's own tuners (config, layer, model), registered with `peft` on import."""
 
 from .config import KeepLoRAConfig
 from .model import KeepLoRAModel
-from .registration import KEEPLORA_PEFT_TYPE, register_keeplora
+from .peft_type import KEEPLORA_PEFT_TYPE
+from .registration import register_keeplora
 
 register_keeplora()
 

@@ -11,7 +11,7 @@ from peft import LoraConfig
 
 from ..subspace.memory import MEMORY_SOLVERS
 from ..subspace.principal import PRINCIPAL_SOLVERS
-from .registration import KEEPLORA_PEFT_TYPE
+from .peft_type import KEEPLORA_PEFT_TYPE
 
 FEATURE_SOURCES = ("activations", "gradients", "mean_gradient")
 LORA_A_INITS = ("residual_gradient", "random", "minor_singular")

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..sharding import full_value
 from .layer import has_layer_state, layer_scales, layer_state
-from .registration import KEEPLORA_PEFT_TYPE
+from .peft_type import KEEPLORA_PEFT_TYPE
 from .state_io import STATE_KEY, TaskProgress, install_state, state_tensors
 
 LAYER_CACHE_ATTR = "_keeplora_layer_cache"  # adapter -> its target layers, for the per-step projection of A
