@@ -87,7 +87,6 @@ def begin_task(
     if progress.in_task:
         raise RuntimeError(f"begin_task: task {progress.task_index} is already under way; call end_task first")
     network = getattr(model, "module", model)
-    dtype = state_torch_dtype(config)
 
     for module in layers.values():
         with torch.no_grad():
@@ -99,14 +98,7 @@ def begin_task(
     for name, module in layers.items():
         state = layer_state(module, adapter)
         if not state.initialised:
-            weight = base_weight(module)
-            principal, energies = principal_basis(
-                weight, config.principal_energy, solver=config.principal_solver, return_energies=True
-            )
-            state = KeepLoRALayerState(
-                principal.to(dtype), principal.new_zeros(principal.shape[0], 0).to(dtype), principal_energies=energies
-            )
-            state.fingerprint = weight_fingerprint(weight)
+            state = first_task_state(module, config)
             fresh.add(name)
         state.bind(module, config.principal_solver)
         states[name] = state
@@ -138,6 +130,20 @@ def begin_task(
         )
     progress.in_task = True
     logger.info("KeepLoRA: began task %d on %d target layers", progress.task_index, len(layers))
+
+
+def first_task_state(module: LoraLayer, config: KeepLoRAConfig, energy: float | None = None) -> KeepLoRALayerState:
+    """A layer's state before its first task: the principal basis of its pre-trained weight holding `energy` of its
+    energy (default `principal_energy`), an empty memory, and the weight's fingerprint."""
+    weight = base_weight(module)
+    energy = config.principal_energy if energy is None else energy
+    principal, energies = principal_basis(weight, energy, solver=config.principal_solver, return_energies=True)
+    dtype = state_torch_dtype(config)
+    state = KeepLoRALayerState(
+        principal.to(dtype), principal.new_zeros(principal.shape[0], 0).to(dtype), principal_energies=energies
+    )
+    state.fingerprint = weight_fingerprint(weight)
+    return state
 
 
 def _gradient_directions(

@@ -9,9 +9,9 @@ from typing import Any
 
 from peft import PeftModel
 
-from ..subspace import principal_basis
-from ..tuner.config import KeepLoRAConfig, state_torch_dtype
-from ..tuner.layer import base_weight, layer_state, weight_fingerprint
+from ..lifecycle import first_task_state
+from ..tuner.config import KeepLoRAConfig
+from ..tuner.layer import layer_state, set_layer_state
 from ..tuner.model import keeplora_layers, tuner_of
 
 __all__ = ["keeplora_config", "seed_principal_energy"]
@@ -52,19 +52,12 @@ def seed_principal_energy(model: PeftModel, pattern: dict[str, float]) -> list[s
     tuner = tuner_of(model)
     adapter = tuner.keeplora_adapter()
     config = tuner.peft_config[adapter]
-    dtype = state_torch_dtype(config)  # as begin_task does it
     seeded = []
     for name, module in keeplora_layers(model, adapter).items():
         energy = next((e for regex, e in pattern.items() if re.search(regex, name)), None)
-        state = layer_state(module, adapter)
-        if energy is None or state.initialised:  # (never `state.principal`: a complement-only state recomputes it)
+        if energy is None or layer_state(module, adapter).initialised:  # (never `.principal`: it may recompute)
             continue
-        weight = base_weight(module)
-        principal, energies = principal_basis(weight, energy, solver=config.principal_solver, return_energies=True)
-        state.fingerprint = weight_fingerprint(weight)
-        state.principal = principal.to(dtype)
-        state.memory = principal.new_zeros(principal.shape[0], 0).to(dtype)
-        state.principal_energies = energies  # what the state keeps of the basis once it stores only the complement
+        set_layer_state(module, adapter, first_task_state(module, config, energy))
         seeded.append(name)
     if not seeded and tuner.progress(adapter).task_index == 0:
         raise ValueError(f"keeplora.principal_energy_pattern {pattern} matches no KeepLoRA target")
