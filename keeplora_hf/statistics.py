@@ -144,6 +144,12 @@ def weight_gradient_pass(
 
     Every other parameter is frozen for the pass and restored after it, whatever happens. Returns the batch count.
     """
+    if is_fully_sharded(model):
+        raise NotImplementedError(
+            "gradient_estimator='exact' and feature_source='gradients' read each target's whole weight gradient, which "
+            "FSDP2 reduce-scatters across ranks; on a sharded model use the default gradient_estimator='sketch' and "
+            "feature_source 'activations' or 'mean_gradient' (both from hooks on activations). Nothing was changed."
+        )
     handles = []
     with _frozen_for_statistics(model):
         try:

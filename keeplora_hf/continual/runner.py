@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..callback import KeepLoRACallback
+from ..sharding import is_fully_sharded
 from ..trainer import KeepLoRATrainer
 from ..tuner.model import KeepLoRAModel
 from .checkpoint import (
@@ -184,6 +186,9 @@ class ContinualRunner:
         if self.state.is_main_process:
             with atomic_directory(self.layout.task_dir(index)) as staging:
                 self.model.save_pretrained(str(staging / ADAPTER_DIR))
+        elif is_fully_sharded(self.model):  # the gathers of a sharded adapter need every rank; only the main one writes
+            with tempfile.TemporaryDirectory() as unused:
+                self.model.save_pretrained(unused, is_main_process=False)
         self.state.wait_for_everyone()
         if self.state.is_main_process:
             for stale in trainer_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):

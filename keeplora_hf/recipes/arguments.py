@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from .distributed import refuse_sharded_parameters
+from .distributed import refuse_unsupported_sharding
 
 __all__ = ["DataArguments", "ModelArguments", "RecipeArguments", "RecipeConfig", "parse_recipe_args"]
 
@@ -182,7 +182,7 @@ def parse_recipe_args(argv: Sequence[str] | None = None) -> RecipeConfig:
             remaining.append(arg)
         index += 1
 
-    refuse_sharded_parameters()  # from the launcher's environment, before TrainingArguments sets DeepSpeed up
+    refuse_unsupported_sharding()  # from the launcher's environment, before TrainingArguments sets DeepSpeed up
     parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, TrainingArguments))
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)

@@ -1,4 +1,4 @@
-"""The distributed set-ups the recipes refuse: parameter sharding (DeepSpeed ZeRO-3, FSDP), checked before loading."""
+"""The distributed set-ups the recipes refuse (DeepSpeed ZeRO-3, FSDP1), checked before loading; FSDP2 works."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 from transformers import TrainingArguments
 
-__all__ = ["refuse_sharded_parameters"]
+__all__ = ["refuse_unsupported_sharding"]
 
 
 def _deepspeed_stage(training: TrainingArguments | None) -> int | None:
@@ -27,29 +27,36 @@ def _deepspeed_stage(training: TrainingArguments | None) -> int | None:
     return None
 
 
-def refuse_sharded_parameters(training: TrainingArguments | None = None) -> None:
-    """Stop at once, with the reason, under DeepSpeed ZeRO-3 or FSDP parameter sharding.
+def _fsdp_version(training: TrainingArguments | None) -> int | None:
+    """The FSDP version that will shard the weights (None without FSDP sharding), from the arguments or, before
+    they exist, from what `accelerate launch` put in the environment."""
+    if training is not None and training.fsdp:
+        return int((training.fsdp_config or {}).get("version", 2))  # transformers' default
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if os.environ.get("FSDP_SHARDING_STRATEGY", "").upper() in ("NO_SHARD", "3"):
+            return None
+        return int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's default
+    return None
 
-    KeepLoRA's subspace computations (the SVD of each pre-trained weight, the full weight gradient, the merge of
-    `s * B @ A` into the weight) need each target's whole weight on every rank. Sharded parameters would need them
-    gathered (`deepspeed.zero.GatheredParameters` / FSDP's `summon_full_params`) around each computation, which is
-    not implemented yet. ZeRO-2 and DDP keep full weights on every rank and work. Without `training`, only what
-    `accelerate launch` put in the environment is checked (before `TrainingArguments` sets DeepSpeed up).
+
+def refuse_unsupported_sharding(training: TrainingArguments | None = None) -> None:
+    """Stop at once, with the reason, under DeepSpeed ZeRO-3 or FSDP1 parameter sharding.
+
+    KeepLoRA's subspace computations (the principal basis of each pre-trained weight, writing `A`, merging a task)
+    need each target's whole weight once per task. Under FSDP2 every weight is a `DTensor`, gathered one layer at a
+    time (`keeplora_hf.sharding`); FSDP1's flat parameters and ZeRO-3's partitions would need their own gathering,
+    which is not implemented. DDP, ZeRO-2 and FSDP2 work. Without `training`, only what `accelerate launch` put in
+    the environment is checked (before `TrainingArguments` sets DeepSpeed up).
     """
-    stage = _deepspeed_stage(training)
-    if stage == 3:
+    if _deepspeed_stage(training) == 3:
         raise NotImplementedError(
-            "DeepSpeed ZeRO-3 shards every weight across ranks, but KeepLoRA's subspace computations (SVD of the "
-            "pre-trained weights, full weight gradients, merging each task) need whole weights; gathering them with "
-            "deepspeed.zero.GatheredParameters is not implemented yet. Use recipes/accelerate_configs/"
-            "deepspeed_zero2.yaml or multi_gpu.yaml (a 7B model fits one 80 GB GPU in bf16)."
+            "DeepSpeed ZeRO-3 shards every weight across ranks, but KeepLoRA's subspace computations need each "
+            "target's whole weight; gathering ZeRO-3 partitions (deepspeed.zero.GatheredParameters) is not "
+            "implemented. Use recipes/accelerate_configs/fsdp2.yaml to shard the weights, or deepspeed_zero2.yaml / "
+            "multi_gpu.yaml when the model fits one GPU."
         )
-    fsdp_env = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "")
-    sharded = (fsdp_env and strategy.upper() not in ("NO_SHARD", "3")) or bool(training is not None and training.fsdp)
-    if sharded:
+    if _fsdp_version(training) == 1:
         raise NotImplementedError(
-            "FSDP shards the weights across ranks, but KeepLoRA's subspace computations need whole weights "
-            "(gathering them with summon_full_params is not implemented yet). Use recipes/accelerate_configs/"
-            "multi_gpu.yaml (DDP) or deepspeed_zero2.yaml."
+            "FSDP1 shards the weights as flat parameters, which KeepLoRA cannot gather layer by layer; FSDP2 "
+            "(fsdp_version: 2) is supported: use recipes/accelerate_configs/fsdp2.yaml."
         )

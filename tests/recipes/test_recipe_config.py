@@ -19,7 +19,7 @@ from keeplora_hf.recipes import (
     keeplora_config,
     parse_recipe_args,
     projector_optimizer,
-    refuse_sharded_parameters,
+    refuse_unsupported_sharding,
     seed_principal_energy,
 )
 from keeplora_hf.recipes.loading import _quantization_config
@@ -118,17 +118,17 @@ def test_recipes_readme_gives_the_launch_command_of_every_config():
         relative = f"recipes/{path.parent.name}/{path.name}"
         assert re.search(rf"accelerate launch --config_file recipes/accelerate_configs/\S+\.yaml \\\s*\n\s*"
                          rf"recipes/{path.parent.name}/train\.py {re.escape(relative)}", readme), relative
-    for name in ("cpu", "single_gpu", "multi_gpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3"):
+    for name in ("cpu", "single_gpu", "multi_gpu", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"):
         assert (RECIPES / "accelerate_configs" / f"{name}.yaml").is_file()
         assert f"accelerate_configs/{name}.yaml" in readme
 
 
-def test_zero3_and_fsdp_are_refused_before_anything_loads(tmp_path, monkeypatch):
+def test_zero3_and_fsdp1_are_refused_before_anything_loads_fsdp2_is_not(tmp_path, monkeypatch):
     config = parse_recipe_args([str(RECIPES / "llava_vqa" / "config_tiny.yaml"), "--output_dir", str(tmp_path / "run")])
-    refuse_sharded_parameters(config.training)  # plain: fine
+    refuse_unsupported_sharding(config.training)  # plain: fine
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    refuse_sharded_parameters(config.training)  # ZeRO-2 keeps whole weights on every rank
+    refuse_unsupported_sharding(config.training)  # ZeRO-2 keeps whole weights on every rank
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     with pytest.raises(NotImplementedError, match="ZeRO-3 shards every weight.*GatheredParameters"):
         recipe_main("llava_vqa")([str(RECIPES / "llava_vqa" / "config_tiny.yaml"), "--output_dir", str(tmp_path / "run"),
@@ -138,12 +138,20 @@ def test_zero3_and_fsdp_are_refused_before_anything_loads(tmp_path, monkeypatch)
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
-    with pytest.raises(NotImplementedError, match="FSDP shards the weights"):
-        refuse_sharded_parameters(config.training)
+    with pytest.raises(NotImplementedError, match="FSDP1 shards the weights as flat parameters.*fsdp2.yaml"):
+        refuse_unsupported_sharding(config.training)  # accelerate's default version is 1
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    refuse_unsupported_sharding(config.training)  # FSDP2: supported
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    config.training.fsdp, config.training.fsdp_config = "full_shard", {"version": 1}
+    with pytest.raises(NotImplementedError, match="FSDP1"):
+        refuse_unsupported_sharding(config.training)
+    config.training.fsdp_config = {"version": 2}
+    refuse_unsupported_sharding(config.training)
+    config.training.fsdp = ""
     config.training.deepspeed = {"zero_optimization": {"stage": 3}}
     with pytest.raises(NotImplementedError, match="ZeRO-3"):
-        refuse_sharded_parameters(config.training)
+        refuse_unsupported_sharding(config.training)
 
 
 def test_quantized_loading_quantizes_the_targets_too_and_keeps_the_projector():
