@@ -1,0 +1,137 @@
+"""Per-rank peak memory of a KeepLoRA++ task under FSDP2 (2 CPU ranks, `fully_shard`) over one unsharded process.
+
+    python benchmarks/fsdp2_memory.py [--model llava-100m]
+
+Both runs build the same model and the same global batches (each rank takes its half of every batch), shard the
+decoder and vision layers and the whole model with `fully_shard` when there are two ranks, and then measure, as
+measure.py does (RSS high-water mark after `malloc_trim` and a reset of `VmHWM`), one whole task: `begin_task`,
+four AdamW steps, `end_task`, and the next task's `begin_task`. Reported per rank: the peak, the resident memory
+before the task, the weights it holds and the KeepLoRA state it holds (replicated on every rank: every rank needs
+the protected bases to derive `A`), and the ratio of the largest per-rank peak to the single process's peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from measure import REPO, isolated, peak_memory, write_result
+
+SHARDED_LAYERS = ("LlamaDecoderLayer", "CLIPEncoderLayer")
+GLOBAL_BATCH = 2
+STEPS = 4
+
+
+def _mib(tensors) -> float:
+    from keeplora_hf.sharding import local_value
+
+    return sum(local_value(t).numel() * t.element_size() for t in tensors) / 2**20
+
+
+def worker(model_name: str, method: str) -> dict:
+    """One rank's measurement (or the single process's); printed as JSON by rank 0 for all ranks. `method` "lora":
+    PEFT LoRA of the same rank and targets, its training steps only (the baseline for what FSDP2 itself costs)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from keeplora_hf import begin_task, end_task
+    from setups import keeplora, lora, optimizer_for, train_step
+
+    warnings.simplefilter("ignore")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    torch.set_num_threads(1)
+    model, bench = keeplora(model_name) if method == "keeplora" else lora(model_name)
+    rows = [bench.make_batch(GLOBAL_BATCH, seed) for seed in range(STEPS)]
+    data = [{k: v[rank::world] if torch.is_tensor(v) and v.shape[:1] == (GLOBAL_BATCH,) else v for k, v in batch.items()}
+            for batch in rows]
+    if world > 1:
+        for module in model.modules():
+            if type(module).__name__ in SHARDED_LAYERS:
+                fully_shard(module)
+        fully_shard(model)
+
+    optimizer = []
+
+    def train() -> None:
+        optimizer.append(optimizer_for(model))
+        for batch in data:
+            train_step(model, batch, optimizer[0])
+
+    phases = {
+        "begin_task": lambda: begin_task(model, data),
+        "train": train,
+        "end_task": lambda: end_task(model, data),
+        "next_begin_task": lambda: begin_task(model, data),
+    } if method == "keeplora" else {"train": train}
+    measured = {name: peak_memory(phase) for name, phase in phases.items()}
+    worst = max(measured.values(), key=lambda m: m["peak_mib"])
+    state = [b for name, b in model.named_buffers() if "keeplora_state" in name]
+    result = {**worst, "phases": {name: m["peak_mib"] for name, m in measured.items()},
+              "weights_mib": _mib(model.parameters()), "state_mib": _mib(state)}
+    results = [result]
+    if world > 1:
+        results = [None] * world
+        dist.all_gather_object(results, result)
+        dist.destroy_process_group()
+    return {"ranks": results}
+
+
+def measure(model_name: str, method: str) -> dict:
+    """The single process and the two FSDP2 ranks, each in fresh interpreters."""
+    single = isolated("fsdp2_memory.py", "--worker", "--model", model_name, "--method", method)["ranks"][0]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, "--worker",
+               "--model", model_name, "--method", method]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "benchmarks")])}
+    run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=3600)
+    if run.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{run.stderr[-4000:]}")
+    sharded = json.loads(run.stdout.strip().splitlines()[-1])["ranks"]
+    return {
+        "single_process": single,
+        "fsdp2_two_ranks": sharded,
+        "peak_ratio": max(rank["peak_mib"] for rank in sharded) / single["peak_mib"],
+        "increase_ratio": max(rank["increase_mib"] for rank in sharded) / single["increase_mib"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llava-100m")
+    parser.add_argument("--worker", action="store_true", help="internal: measure in this process (or rank)")
+    parser.add_argument("--method", default="keeplora", choices=["keeplora", "lora"], help="internal, with --worker")
+    args = parser.parse_args()
+    if args.worker:
+        result = worker(args.model, args.method)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result))
+        return
+
+    methods = {method: measure(args.model, method) for method in ("lora", "keeplora")}
+    path = write_result(f"fsdp2_memory_{args.model}", {"model": args.model, "global_batch": GLOBAL_BATCH, **methods})
+    print("| method | run | peak MiB | before | weights held | KeepLoRA state held | per-phase peaks |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    for method, result in methods.items():
+        runs = [("one process", result["single_process"])]
+        runs += [(f"FSDP2 rank {i}", r) for i, r in enumerate(result["fsdp2_two_ranks"])]
+        for label, r in runs:
+            phases = ", ".join(f"{k} {v:.0f}" for k, v in r["phases"].items())
+            print(f"| {method} | {label} | {r['peak_mib']:.0f} | {r['rss_before_mib']:.0f} | {r['weights_mib']:.0f} "
+                  f"| {r['state_mib']:.0f} | {phases} |")
+    for method, result in methods.items():
+        print(f"{method}: largest per-rank peak / single-process peak {result['peak_ratio']:.2f}, "
+              f"increase during the task {result['increase_ratio']:.2f}")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
