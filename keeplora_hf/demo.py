@@ -50,6 +50,7 @@ class DemoSettings:
     methods: tuple[str, ...] = DEFAULT_METHODS
     tasks: tuple[str, ...] = IMAGE_TASKS
     video: bool = False
+    image: bool = True  # False: the video sequence alone (with video=True)
     video_train_size: int = 200
     video_eval_size: int = 60
     video_epochs: float = 10.0  # 200 clips a task: after 3 passes every video task is still at chance
@@ -92,7 +93,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     data = _benchmark_data(out / "data", settings)
     orders = task_orders(settings.tasks, settings.orders)
     runs = [(_order_name(k), replace(settings, tasks=order)) for k, order in enumerate(orders)]
-    sequences = [(_image_sequence(data, s, name), s) for name, s in runs]
+    sequences = [(_image_sequence(data, s, name), s) for name, s in runs] if settings.image else []
     if settings.video:
         sequences.append((_video_sequence(data, settings), settings))
     summary: dict[str, Any] = {"settings": asdict(settings), "sequences": {}}
@@ -202,7 +203,7 @@ def _finished(out: Path, settings: DemoSettings) -> dict[str, Any]:
 
 def _training_settings(settings: DemoSettings) -> dict[str, Any]:
     """What decides one method's run: not which other methods, seeds or sequences run beside it, nor where it is written."""
-    ignored = {"output_dir", "methods", "seeds", "overwrite", "video", "orders"}
+    ignored = {"output_dir", "methods", "seeds", "overwrite", "video", "image", "orders"}
     return {k: v for k, v in asdict(settings).items() if k not in ignored}
 
 
