@@ -20,6 +20,7 @@ from collections import defaultdict
 
 import torch
 
+import keeplora_hf.feature_memory as feature_memory
 import keeplora_hf.lifecycle as lifecycle
 from keeplora_hf import begin_task, end_task
 from measure import configure_threads, timed, write_result
@@ -47,9 +48,12 @@ class PhaseClock:
         self._originals = {}
 
     def __enter__(self):
-        for name, label in PHASES.items():
-            original = getattr(lifecycle, name)
-            self._originals[name] = original
+        # end_task's feature pass runs in feature_memory, the rest in lifecycle: wrap each name where it is called
+        for module, name, label in [(m, n, label) for m in (lifecycle, feature_memory) for n, label in PHASES.items()]:
+            if not hasattr(module, name):
+                continue
+            original = getattr(module, name)
+            self._originals[module, name] = original
 
             @functools.wraps(original)
             def wrapper(*args, __original=original, __label=label, **kwargs):
@@ -59,12 +63,12 @@ class PhaseClock:
                 finally:
                     self.seconds[__label] += time.perf_counter() - start
 
-            setattr(lifecycle, name, wrapper)
+            setattr(module, name, wrapper)
         return self
 
     def __exit__(self, *exc):
-        for name, original in self._originals.items():
-            setattr(lifecycle, name, original)
+        for (module, name), original in self._originals.items():
+            setattr(module, name, original)
 
     def take(self) -> dict[str, float]:
         out = dict(self.seconds)

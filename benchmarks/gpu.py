@@ -57,7 +57,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 import keeplora_hf  # noqa: F401  registers the KEEPLORA peft type
 from keeplora_hf import KeepLoRAConfig, begin_task, end_task, learned_update, protected_basis
-from keeplora_hf.tuner.layer import apply_delta_
+from keeplora_hf.tuner.weights import apply_delta_
 from measure import RESULTS, configure_threads, ratio_summary, summary, write_result
 from setups import train_step
 

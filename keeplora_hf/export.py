@@ -14,8 +14,9 @@ from torch import nn
 
 from .continual.checkpoint import atomic_directory
 from .continual.run_dir import ADAPTER_FILES, RUN_FILE
-from .tuner.layer import FinishedTask, layer_state
+from .tuner.layer import layer_state
 from .tuner.model import keeplora_layers, tuner_of
+from .tuner.state import FinishedTask
 
 
 def export_lora(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

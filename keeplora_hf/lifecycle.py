@@ -12,39 +12,25 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from .feature_memory import feature_covariances
 from .sharding import assign_, full_value, local_value
 from .statistics import (
     LossFn,
     all_reduce_sum_,
     default_loss,
-    input_feature_pass,
+    layer_seed,
     output_gradient_pass,
     task_batches,
     weight_gradient_pass,
 )
-from .subspace import FeatureStatistics, GradientSketch, Subspace, memory_directions, principal_basis, residual_directions
+from .subspace import GradientSketch, Subspace, memory_directions, principal_basis, residual_directions
 from .tuner.config import KeepLoRAConfig, state_torch_dtype
-from .tuner.layer import (
-    FinishedTask,
-    KeepLoRALayerState,
-    base_weight,
-    is_quantized,
-    layer_state,
-    merged_delta,
-    merges_exactly,
-    set_layer_state,
-    weight_fingerprint,
-)
-from .tuner.model import LAYER_CACHE_ATTR, KeepLoRAModel, TaskProgress, keeplora_layers, tuner_of
+from .tuner.layer import layer_state, set_layer_state
+from .tuner.model import LAYER_CACHE_ATTR, TaskProgress, keeplora_context, keeplora_layers, tuner_of
+from .tuner.state import FinishedTask, KeepLoRALayerState, merged_delta
+from .tuner.weights import base_weight, is_quantized, merges_exactly, weight_fingerprint
 
 logger = logging.getLogger(__name__)
-
-
-def _context(model: nn.Module) -> tuple[KeepLoRAModel, str, KeepLoRAConfig, dict[str, LoraLayer]]:
-    model = getattr(model, "module", model)  # DistributedDataParallel and friends
-    tuner = tuner_of(model)
-    adapter = tuner.keeplora_adapter()
-    return tuner, adapter, tuner.peft_config[adapter], keeplora_layers(model, adapter)
 
 
 def protected_basis(model: nn.Module, module_name: str) -> torch.Tensor:
@@ -52,7 +38,7 @@ def protected_basis(model: nn.Module, module_name: str) -> torch.Tensor:
 
     It is the principal subspace of the pre-trained weight joined with the feature memory of finished tasks.
     """
-    _, adapter, _, layers = _context(model)
+    _, adapter, _, layers = keeplora_context(model)
     if module_name not in layers:
         raise KeyError(f"{module_name!r} is not a KeepLoRA target; targets are named like {next(iter(layers), '')!r}")
     return layer_state(layers[module_name], adapter).protected()
@@ -64,7 +50,7 @@ def learned_update(model: nn.Module, module_name: str) -> torch.Tensor:
     It is what the layer adds to its pre-trained weight, whether the tasks were merged into it or act as a frozen
     branch (see `finished_tasks`); zeros before the first task has ended.
     """
-    _, adapter, _, layers = _context(model)
+    _, adapter, _, layers = keeplora_context(model)
     if module_name not in layers:
         raise KeyError(f"{module_name!r} is not a KeepLoRA target; targets are named like {next(iter(layers), '')!r}")
     module = layers[module_name]
@@ -82,7 +68,7 @@ def begin_task(
 
     The model's function is unchanged by this call. Nothing is modified if the data pass fails.
     """
-    tuner, adapter, config, layers = _context(model)
+    tuner, adapter, config, layers = keeplora_context(model)
     progress = tuner.progress(adapter)
     if progress.in_task:
         raise RuntimeError(f"begin_task: task {progress.task_index} is already under way; call end_task first")
@@ -180,7 +166,7 @@ def _gradient_directions(
                 m.get_base_layer().in_features,
                 m.r[adapter],
                 config.sketch_oversampling,
-                seed=_seed(task_index, index),
+                seed=layer_seed(task_index, index),
                 device=m.get_base_layer().weight.device,
             )
             for index, (name, m) in enumerate(layers.items())
@@ -221,11 +207,6 @@ def _check_finite(statistic: torch.Tensor, name: str, what: str) -> None:
         )
 
 
-def _seed(task_index: int, layer_index: int) -> int:
-    """Seed of a layer's random test matrices: the same on every rank, different per task and layer."""
-    return 1_000_003 * (task_index + 1) + layer_index
-
-
 def _initial_rows(
     init: str, directions: torch.Tensor | None, module: LoraLayer, protected: Subspace, rank: int
 ) -> torch.Tensor:
@@ -250,7 +231,7 @@ def end_task(
     The feature statistics are gathered before anything is merged (with LoRA active, which computes the merged
     function), so a failing data pass leaves the model and its state untouched.
     """
-    tuner, adapter, config, layers = _context(model)
+    tuner, adapter, config, layers = keeplora_context(model)
     progress = tuner.progress(adapter)
     if not progress.in_task:
         raise RuntimeError("end_task called before begin_task: there is no task under way to finish")
@@ -270,7 +251,7 @@ def end_task(
                 layer_state(module, adapter).subspace(),
                 config.feature_energy,
                 solver=config.memory_solver,
-                seed=_seed(progress.task_index, index),
+                seed=layer_seed(progress.task_index, index),
             )
 
     for name, module in layers.items():
@@ -280,92 +261,6 @@ def end_task(
         )
     tuner.keeplora_progress[adapter] = TaskProgress(progress.task_index + 1, in_task=False)
     logger.info("KeepLoRA: finished task %d", progress.task_index)
-
-
-def feature_covariances(
-    model: nn.Module, dataloader: Iterable[Any], *, max_batches: int | None = None, loss_fn: LossFn = default_loss
-) -> dict[str, torch.Tensor]:
-    """Each target's `d_in x d_in` feature statistic on the task's data, from which `end_task` grows the memory.
-
-    By `feature_source`: the second moment of the layer's inputs (`activations`); `G^T G` of the task's mean weight
-    gradient `G` at the model as it is (`mean_gradient`, sketched); or the sum of per-batch `G_b^T G_b` (`gradients`).
-    Summed across data-parallel ranks.
-    """
-    tuner, adapter, config, layers = _context(model)
-    network = getattr(model, "module", model)
-    task_index = tuner.progress(adapter).task_index
-    # the reference solver keeps float64 statistics; the fast one float32 (half the time and memory)
-    dtype = torch.float64 if config.memory_solver == "eigh" else torch.float32
-    batches = task_batches(dataloader, config.gradient_data_ratio, max_batches)
-    if config.feature_source == "mean_gradient":
-        return _mean_gradient_covariances(network, layers, batches, config, task_index, loss_fn, dtype)
-    stats = {
-        name: FeatureStatistics(m.get_base_layer().in_features, m.get_base_layer().weight.device, dtype=dtype)
-        for name, m in layers.items()
-    }
-    if config.feature_source == "activations":
-        count, shared = input_feature_pass(
-            network, layers, batches, loss_fn, lambda name, x: stats[name].update(x), description="KeepLoRA feature memory"
-        )
-    else:
-        count = weight_gradient_pass(
-            network,
-            layers,
-            batches,
-            loss_fn,
-            lambda name, grad: stats[name].update_covariance(grad.to(dtype).T @ grad.to(dtype)),
-            description="KeepLoRA feature memory",
-        )
-        shared = {}
-    if count == 0:
-        raise ValueError("end_task: the dataloader yielded no batches")
-    owners = {name: shared.get(name, name) for name in layers}
-    for name, owner in owners.items():  # in module order: every rank must reduce the same tensors in the same order
-        if owner == name:
-            all_reduce_sum_(stats[name].covariance)
-    return {name: stats[owner].covariance for name, owner in owners.items()}
-
-
-def _mean_gradient_covariances(
-    model: nn.Module,
-    layers: dict[str, LoraLayer],
-    batches: Iterable[Any],
-    config: KeepLoRAConfig,
-    task_index: int,
-    loss_fn: LossFn,
-    dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
-    """`G^T G` of each target's mean weight gradient `G` (the reference LLaVA memory statistic), from hooks.
-
-    Each target accumulates the co-range sketch `X = Psi G` (`memory_sketch_rows x d_in`, `Psi` with orthonormal rows,
-    the identity once the rows reach `d_out`), so `X^T X = G^T Psi^T Psi G`: exactly `G^T G` when the sketch is exact,
-    otherwise its compression onto the sketch's rows, which keeps the top input-side directions of `G`.
-    """
-    sketches = {
-        name: GradientSketch(
-            m.get_base_layer().out_features,
-            m.get_base_layer().in_features,
-            config.memory_sketch_rows,
-            0,
-            seed=_seed(task_index, index) + _MEMORY_SEED_OFFSET,
-            device=m.get_base_layer().weight.device,
-        )
-        for index, (name, m) in enumerate(layers.items())
-    }
-    count = output_gradient_pass(
-        model, layers, batches, loss_fn, lambda name, x, g: sketches[name].update(x, g), description="KeepLoRA feature memory"
-    )
-    if count == 0:
-        raise ValueError("end_task: the dataloader yielded no batches")
-    covariances = {}
-    for name in layers:  # in module order: every rank must reduce the same tensors in the same order
-        sketch = all_reduce_sum_(sketches.pop(name).sketch).to(dtype)
-        covariances[name] = sketch.T @ sketch
-    return covariances
-
-
-#: keeps the memory sketch's random matrix apart from the gradient sketch's of the same task and layer
-_MEMORY_SEED_OFFSET = 500_009
 
 
 def _check_lora_A_in_residual(layers: dict[str, LoraLayer], adapter: str) -> None:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from .data.collators import IGNORE_INDEX
@@ -77,6 +78,11 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def layer_seed(task_index: int, layer_index: int) -> int:
+    """Seed of a layer's random test matrices: the same on every rank, different per task and layer."""
+    return 1_000_003 * (task_index + 1) + layer_index
+
+
 @contextlib.contextmanager
 def _frozen_for_statistics(model: nn.Module) -> Iterator[None]:
     """Every parameter frozen and the model in eval mode for a statistics pass; both restored after it, whatever
@@ -94,6 +100,19 @@ def _frozen_for_statistics(model: nn.Module) -> Iterator[None]:
             if not flag:
                 p.grad = None
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def _hooked(layers: dict[str, LoraLayer], register: Callable[[str, LoraLayer], RemovableHandle]) -> Iterator[None]:
+    """The hooks `register` puts on each target, for the length of a pass: removed after it, whatever happens."""
+    handles = []
+    try:
+        for name, module in layers.items():
+            handles.append(register(name, module))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _backward_each(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, description: str) -> int:
@@ -150,22 +169,19 @@ def weight_gradient_pass(
             "FSDP2 reduce-scatters across ranks; on a sharded model use the default gradient_estimator='sketch' and "
             "feature_source 'activations' or 'mean_gradient' (both from hooks on activations). Nothing was changed."
         )
-    handles = []
-    with _frozen_for_statistics(model):
-        try:
-            for name, module in layers.items():
-                weight = module.get_base_layer().weight
-                weight.requires_grad_(True)
 
-                def hook(param: torch.Tensor, name: str = name) -> None:
-                    on_gradient(name, param.grad)
-                    param.grad = None
+    def register(name: str, module: LoraLayer) -> RemovableHandle:
+        weight = module.get_base_layer().weight
+        weight.requires_grad_(True)
 
-                handles.append(weight.register_post_accumulate_grad_hook(hook))
-            return _backward_each(model, batches, loss_fn, description)
-        finally:
-            for handle in handles:
-                handle.remove()
+        def hook(param: torch.Tensor) -> None:
+            on_gradient(name, param.grad)
+            param.grad = None
+
+        return weight.register_post_accumulate_grad_hook(hook)
+
+    with _frozen_for_statistics(model), _hooked(layers, register):
+        return _backward_each(model, batches, loss_fn, description)
 
 
 class _OutputGradientTap(torch.autograd.Function):
@@ -204,29 +220,22 @@ def output_gradient_pass(
     training (finished tasks' branches included; the new task's LoRA is zero). The backward computes input gradients only: no
     weight gradient is formed, so the pass costs about one LoRA training step per batch. Returns the batch count.
     """
-    handles = []
     anchor = torch.zeros((), device=_model_device(model), requires_grad=True)
 
-    def make_hook(name: str):
+    def register(name: str, module: LoraLayer) -> RemovableHandle:
         def callback(inputs: torch.Tensor, grad: torch.Tensor) -> None:
             on_gradient(name, inputs, grad)
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        def hook(layer: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
             if not torch.is_grad_enabled():  # e.g. the first forward of reentrant activation checkpointing
                 return output
             x = args[0] if args else kwargs["x"]
             return _OutputGradientTap.apply(output, x, anchor, callback)
 
-        return hook
+        return module.register_forward_hook(hook, with_kwargs=True)
 
-    with _frozen_for_statistics(model):
-        try:
-            for name, module in layers.items():
-                handles.append(module.register_forward_hook(make_hook(name), with_kwargs=True))
-            return _backward_each(model, batches, loss_fn, description)
-        finally:
-            for handle in handles:
-                handle.remove()
+    with _frozen_for_statistics(model), _hooked(layers, register):
+        return _backward_each(model, batches, loss_fn, description)
 
 
 class _StopForward(BaseException):
@@ -266,12 +275,11 @@ def input_feature_pass(
     """
     shared: dict[str, str] = {}
     last: dict[str, Any] = {"input": None, "owner": None, "batch": 0, "seen": set(), "calls": 0, "final": None}
-    handles = []
     device = _model_device(model)
     was_training = model.training
 
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def register(name: str, module: LoraLayer) -> RemovableHandle:
+        def hook(layer: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else kwargs["x"]
             owner = last["owner"] if x is last["input"] else None
             if last["batch"] == 0 and owner is not None:
@@ -291,29 +299,26 @@ def input_feature_pass(
             elif name == last["final"] and len(last["seen"]) == len(layers):
                 raise _StopForward
 
-        return hook
+        return module.register_forward_pre_hook(hook, with_kwargs=True)
 
     count = 0
     try:
-        for name, module in layers.items():
-            handles.append(module.register_forward_pre_hook(make_hook(name), with_kwargs=True))
-        model.eval()
-        with torch.no_grad():
-            for batch in tqdm(batches, desc=description, leave=False, disable=not _is_main_process()):
-                try:
-                    loss_fn(model, move_to(batch, device))
-                except _StopForward:
-                    pass
-                if last["batch"] == 0 and not (
-                    stop_early and last["calls"] == len(layers) == len(last["seen"]) and _early_exit_is_safe(model)
-                ):
-                    last["final"] = None  # never stop early
-                last["input"], last["seen"], last["calls"] = None, set(), 0
-                last["batch"] += 1
-                count += 1
+        with _hooked(layers, register):
+            model.eval()
+            with torch.no_grad():
+                for batch in tqdm(batches, desc=description, leave=False, disable=not _is_main_process()):
+                    try:
+                        loss_fn(model, move_to(batch, device))
+                    except _StopForward:
+                        pass
+                    if last["batch"] == 0 and not (
+                        stop_early and last["calls"] == len(layers) == len(last["seen"]) and _early_exit_is_safe(model)
+                    ):
+                        last["final"] = None  # never stop early
+                    last["input"], last["seen"], last["calls"] = None, set(), 0
+                    last["batch"] += 1
+                    count += 1
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
     return count, shared
 

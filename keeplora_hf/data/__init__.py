@@ -1,5 +1,6 @@
 """Task data: loaders that validate every row up front, collators per model family, video I/O."""
 
+from .classification import load_classification
 from .collators import (
     IGNORE_INDEX,
     MODEL_FAMILIES,
@@ -8,14 +9,8 @@ from .collators import (
     clip_classification_loss,
     validate_lengths,
 )
-from .formats import (
-    IMAGE_MARKER,
-    VIDEO_MARKER,
-    DataFormatError,
-    load_classification,
-    load_llava_json,
-    load_video_qa_json,
-)
+from .formats import IMAGE_MARKER, VIDEO_MARKER, load_llava_json, load_video_qa_json
+from .rows import DataFormatError
 from .video import VideoReadError, read_frames, write_video
 
 __all__ = [

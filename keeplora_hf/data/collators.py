@@ -31,7 +31,8 @@ from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from ..models.processors import llava_chat_template
-from .formats import IMAGE_MARKER, VIDEO_MARKER, DataFormatError, row_name, source_of
+from .formats import IMAGE_MARKER, VIDEO_MARKER
+from .rows import DataFormatError, row_name, source_of
 from .video import read_frames
 
 __all__ = [

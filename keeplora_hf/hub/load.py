@@ -18,8 +18,9 @@ from torch import nn
 from ..continual.run_dir import ADAPTER_FILES, RunInfo
 from ..export import export_lora
 from ..subspace import squared_singular_values
-from ..tuner.layer import base_weight, layer_state
+from ..tuner.layer import layer_state
 from ..tuner.model import STATE_KEY, keeplora_layers, tuner_of
+from ..tuner.weights import base_weight
 from .repo import hub_model_id, open_run, revision_name
 
 logger = logging.getLogger(__name__)

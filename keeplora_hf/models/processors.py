@@ -180,37 +180,34 @@ def build_tiny_tokenizer(
             single=f"{CLIP_BOS_TOKEN} $A {CLIP_EOS_TOKEN}",
             special_tokens=[(CLIP_BOS_TOKEN, BOS_ID), (CLIP_EOS_TOKEN, CLIP_EOS_ID)],
         )
-        return PreTrainedTokenizerFast(
-            tokenizer_object=_word_level_tokenizer(specials, post, words, vocab_size),
-            bos_token=CLIP_BOS_TOKEN,
-            eos_token=CLIP_EOS_TOKEN,
-            pad_token=PAD_TOKEN,
-            unk_token=UNK_TOKEN,
-            model_max_length=CLIP_MAX_LENGTH,
+        tokens = {"bos_token": CLIP_BOS_TOKEN, "eos_token": CLIP_EOS_TOKEN, "model_max_length": CLIP_MAX_LENGTH}
+    else:
+        specials = {
+            PAD_TOKEN: PAD_ID,
+            BOS_TOKEN: BOS_ID,
+            EOS_TOKEN: EOS_ID,
+            IMAGE_TOKEN: IMAGE_TOKEN_ID,
+            VIDEO_TOKEN: VIDEO_TOKEN_ID,
+            VISION_START_TOKEN: VISION_START_ID,
+            VISION_END_TOKEN: VISION_END_ID,
+        }
+        post = processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, BOS_ID)]
         )
-    specials = {
-        PAD_TOKEN: PAD_ID,
-        BOS_TOKEN: BOS_ID,
-        EOS_TOKEN: EOS_ID,
-        IMAGE_TOKEN: IMAGE_TOKEN_ID,
-        VIDEO_TOKEN: VIDEO_TOKEN_ID,
-        VISION_START_TOKEN: VISION_START_ID,
-        VISION_END_TOKEN: VISION_END_ID,
-    }
-    post = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, BOS_ID)]
-    )
+        tokens = {
+            "bos_token": BOS_TOKEN,
+            "eos_token": EOS_TOKEN,
+            "image_token": IMAGE_TOKEN,
+            "video_token": VIDEO_TOKEN,
+            "vision_start_token": VISION_START_TOKEN,
+            "vision_end_token": VISION_END_TOKEN,
+            "chat_template": QWEN2_VL_CHAT_TEMPLATE if name == "qwen2_vl" else CHAT_TEMPLATE,
+        }
     return PreTrainedTokenizerFast(
         tokenizer_object=_word_level_tokenizer(specials, post, words, vocab_size),
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         unk_token=UNK_TOKEN,
-        image_token=IMAGE_TOKEN,
-        video_token=VIDEO_TOKEN,
-        vision_start_token=VISION_START_TOKEN,
-        vision_end_token=VISION_END_TOKEN,
-        chat_template=QWEN2_VL_CHAT_TEMPLATE if name == "qwen2_vl" else CHAT_TEMPLATE,
+        **tokens,
     )
 
 

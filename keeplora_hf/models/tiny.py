@@ -149,31 +149,44 @@ def _pixels(generator: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=generator)
 
 
+#: what the LLaVA-family configs share besides their towers (see `_build_llava`)
+_LLAVA_FAMILY = {
+    "image_token_index": IMAGE_TOKEN_ID,
+    "image_seq_length": _NUM_PATCHES,
+    "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "default",
+}
+_LLAMA_TARGETS = rf"model\.language_model\.layers\.\d+\.{_DECODER_LEAVES}"
+
+
+def _clip_tower_targets(tower: str) -> str:
+    """The attention projections of the CLIP tower `model.<tower>` of a LLaVA-family model."""
+    return rf"model\.{tower}\.(vision_model\.)?encoder\.layers\.\d+\.{_CLIP_ATTENTION}"
+
+
+def _visual_batches(placeholder: int, count: int, pixels_key: str, *pixels_shape: int) -> Callable[[int, int], Batch]:
+    """Batch factory: `count` placeholders per row (`_placeholder_batch`), and random pixels under `pixels_key`, of
+    shape `(batch_size, *pixels_shape)`."""
+
+    def make_batch(batch_size: int, seed: int) -> Batch:
+        generator = torch.Generator().manual_seed(seed)
+        batch = _placeholder_batch(generator, batch_size, placeholder, count)
+        batch[pixels_key] = _pixels(generator, batch_size, *pixels_shape)
+        return batch
+
+    return make_batch
+
+
 def _build_llava() -> tuple[torch.nn.Module, Callable[[int, int], Batch], str, str]:
     """LLaVA-1.5 layout: CLIP vision tower, MLP projector, Llama decoder.
 
     `vision_feature_layer=-1` (real checkpoints use -2) so every vision layer feeds the loss and
     every vision adapter receives a gradient; "default" strategy drops CLS, leaving 16 tokens.
     """
-    config = LlavaConfig(
-        vision_config=_clip_vision_config(),
-        text_config=_llama_config(),
-        image_token_index=IMAGE_TOKEN_ID,
-        image_seq_length=_NUM_PATCHES,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )
+    config = LlavaConfig(vision_config=_clip_vision_config(), text_config=_llama_config(), **_LLAVA_FAMILY)
     model = LlavaForConditionalGeneration(config)
-
-    def make_batch(batch_size: int, seed: int) -> Batch:
-        generator = torch.Generator().manual_seed(seed)
-        batch = _placeholder_batch(generator, batch_size, IMAGE_TOKEN_ID, _NUM_PATCHES)
-        batch["pixel_values"] = _pixels(generator, batch_size, 3, IMAGE_SIZE, IMAGE_SIZE)
-        return batch
-
-    language = rf"model\.language_model\.layers\.\d+\.{_DECODER_LEAVES}"
-    vision = rf"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.{_CLIP_ATTENTION}"
-    return model, make_batch, language, vision
+    make_batch = _visual_batches(IMAGE_TOKEN_ID, _NUM_PATCHES, "pixel_values", 3, IMAGE_SIZE, IMAGE_SIZE)
+    return model, make_batch, _LLAMA_TARGETS, _clip_tower_targets("vision_tower")
 
 
 def _build_llava_next_video() -> tuple[torch.nn.Module, Callable[[int, int], Batch], str, str]:
@@ -182,31 +195,22 @@ def _build_llava_next_video() -> tuple[torch.nn.Module, Callable[[int, int], Bat
     Each frame's 4x4 patch grid pools to 2x2, so a video has NUM_FRAMES * 4 placeholder tokens.
     """
     stride = 2
+    num_video_tokens = NUM_FRAMES * (_PATCHES_PER_SIDE // stride) ** 2
     config = LlavaNextVideoConfig(
         vision_config=_clip_vision_config(),
         text_config=_llama_config(),
-        image_token_index=IMAGE_TOKEN_ID,
         video_token_index=VIDEO_TOKEN_ID,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
         spatial_pool_mode="average",
         spatial_pool_stride=stride,
         image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]],
-        image_seq_length=_NUM_PATCHES,
-        video_seq_length=NUM_FRAMES * (_PATCHES_PER_SIDE // stride) ** 2,
+        video_seq_length=num_video_tokens,
+        **_LLAVA_FAMILY,
     )
     model = LlavaNextVideoForConditionalGeneration(config)
-    num_video_tokens = NUM_FRAMES * (_PATCHES_PER_SIDE // stride) ** 2
-
-    def make_batch(batch_size: int, seed: int) -> Batch:
-        generator = torch.Generator().manual_seed(seed)
-        batch = _placeholder_batch(generator, batch_size, VIDEO_TOKEN_ID, num_video_tokens)
-        batch["pixel_values_videos"] = _pixels(generator, batch_size, NUM_FRAMES, 3, IMAGE_SIZE, IMAGE_SIZE)
-        return batch
-
-    language = rf"model\.language_model\.layers\.\d+\.{_DECODER_LEAVES}"
-    vision = rf"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.{_CLIP_ATTENTION}"
-    return model, make_batch, language, vision
+    make_batch = _visual_batches(
+        VIDEO_TOKEN_ID, num_video_tokens, "pixel_values_videos", NUM_FRAMES, 3, IMAGE_SIZE, IMAGE_SIZE
+    )
+    return model, make_batch, _LLAMA_TARGETS, _clip_tower_targets("vision_tower")
 
 
 def _build_video_llava() -> tuple[torch.nn.Module, Callable[[int, int], Batch], str, str]:
@@ -216,28 +220,19 @@ def _build_video_llava() -> tuple[torch.nn.Module, Callable[[int, int], Batch], 
     never run and its adapters would see neither activations nor gradients). Video features keep
     CLS, hence NUM_FRAMES * (16 + 1) placeholders.
     """
+    num_video_tokens = NUM_FRAMES * (_NUM_PATCHES + 1)
     config = VideoLlavaConfig(
         vision_config=_clip_vision_config(),
         text_config=_llama_config(),
-        image_token_index=IMAGE_TOKEN_ID,
         video_token_index=VIDEO_TOKEN_ID,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        image_seq_length=_NUM_PATCHES,
-        video_seq_length=NUM_FRAMES * (_NUM_PATCHES + 1),
+        video_seq_length=num_video_tokens,
+        **_LLAVA_FAMILY,
     )
     model = VideoLlavaForConditionalGeneration(config)
-    num_video_tokens = NUM_FRAMES * (_NUM_PATCHES + 1)
-
-    def make_batch(batch_size: int, seed: int) -> Batch:
-        generator = torch.Generator().manual_seed(seed)
-        batch = _placeholder_batch(generator, batch_size, VIDEO_TOKEN_ID, num_video_tokens)
-        batch["pixel_values_videos"] = _pixels(generator, batch_size, NUM_FRAMES, 3, IMAGE_SIZE, IMAGE_SIZE)
-        return batch
-
-    language = rf"model\.language_model\.layers\.\d+\.{_DECODER_LEAVES}"
-    vision = rf"model\.video_tower\.(vision_model\.)?encoder\.layers\.\d+\.{_CLIP_ATTENTION}"
-    return model, make_batch, language, vision
+    make_batch = _visual_batches(
+        VIDEO_TOKEN_ID, num_video_tokens, "pixel_values_videos", NUM_FRAMES, 3, IMAGE_SIZE, IMAGE_SIZE
+    )
+    return model, make_batch, _LLAMA_TARGETS, _clip_tower_targets("video_tower")
 
 
 def _build_qwen2_vl() -> tuple[torch.nn.Module, Callable[[int, int], Batch], str, str]:
@@ -303,9 +298,8 @@ def _build_qwen2_vl() -> tuple[torch.nn.Module, Callable[[int, int], Batch], str
         batch["image_grid_thw"] = torch.tensor([grid] * batch_size, dtype=torch.long)
         return batch
 
-    language = rf"model\.language_model\.layers\.\d+\.{_DECODER_LEAVES}"
     vision = r"model\.visual\.blocks\.\d+\.attn\.(qkv|proj)"
-    return model, make_batch, language, vision
+    return model, make_batch, _LLAMA_TARGETS, vision
 
 
 def _build_clip() -> tuple[torch.nn.Module, Callable[[int, int], Batch], str, str]:

@@ -13,15 +13,9 @@ import datasets
 from ..continual import ContinualTask, GeneralSet
 from ..continual.generation import NORMALIZERS, generation_metric
 from ..data.collators import ClipCollator, VLMChatCollator, validate_lengths
-from ..data.formats import (
-    DataFormatError,
-    load_classification,
-    load_llava_json,
-    load_video_qa_json,
-    read_rows,
-    row_name,
-    source_of,
-)
+from ..data.classification import load_classification
+from ..data.formats import load_llava_json, load_video_qa_json
+from ..data.rows import DataFormatError, read_rows, row_name, source_of
 from ..distributed import gather_lists, rank_and_world
 from .arguments import RecipeConfig
 from .clip import TaskClipCollator, clip_zero_shot_metric

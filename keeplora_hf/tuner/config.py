@@ -181,8 +181,7 @@ class KeepLoRAConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         # checked first: LoraConfig's own checks fail on these with a raw TypeError
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        _check_integer("r", self.r, 1)
         if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or not (
             math.isfinite(self.lora_alpha) and self.lora_alpha > 0
         ):
@@ -204,11 +203,9 @@ class KeepLoRAConfig(LoraConfig):
         _check_range("feature_energy", self.feature_energy, 0.0, 1.0, "[0, 1]", low_open=False)
         _check_range("layer_scale_gamma", self.layer_scale_gamma, 0.0, 1.0, "(0, 1]", low_open=True)
         _check_range("gradient_data_ratio", self.gradient_data_ratio, 0.0, 1.0, "(0, 1]", low_open=True)
-        if self.feature_source not in FEATURE_SOURCES:
-            raise ValueError(f"feature_source must be one of {FEATURE_SOURCES}, got {self.feature_source!r}")
-        if self.lora_A_init not in LORA_A_INITS:
-            raise ValueError(f"lora_A_init must be one of {LORA_A_INITS}, got {self.lora_A_init!r}")
         for name, value, allowed in (
+            ("feature_source", self.feature_source, FEATURE_SOURCES),
+            ("lora_A_init", self.lora_A_init, LORA_A_INITS),
             ("gradient_estimator", self.gradient_estimator, GRADIENT_ESTIMATORS),
             ("principal_solver", self.principal_solver, PRINCIPAL_SOLVERS),
             ("memory_solver", self.memory_solver, MEMORY_SOLVERS),
@@ -217,14 +214,11 @@ class KeepLoRAConfig(LoraConfig):
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if not isinstance(self.sketch_oversampling, int) or isinstance(self.sketch_oversampling, bool) or self.sketch_oversampling < 0:
-            raise ValueError(f"sketch_oversampling must be a non-negative integer, got {self.sketch_oversampling!r}")
-        if not isinstance(self.memory_sketch_rows, int) or isinstance(self.memory_sketch_rows, bool) or self.memory_sketch_rows < 1:
-            raise ValueError(f"memory_sketch_rows must be a positive integer, got {self.memory_sketch_rows!r}")
-        if not isinstance(self.keep_principal_basis, bool):
-            raise ValueError(f"keep_principal_basis must be a bool, got {self.keep_principal_basis!r}")
-        if not isinstance(self.train_lora_A, bool):
-            raise ValueError(f"train_lora_A must be a bool, got {self.train_lora_A!r}")
+        _check_integer("sketch_oversampling", self.sketch_oversampling, 0)
+        _check_integer("memory_sketch_rows", self.memory_sketch_rows, 1)
+        for name, value in (("keep_principal_basis", self.keep_principal_basis), ("train_lora_A", self.train_lora_A)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
         unsupported = {
             "use_dora": self.use_dora,
             "lora_bias": self.lora_bias,
@@ -242,6 +236,12 @@ class KeepLoRAConfig(LoraConfig):
 def state_torch_dtype(config: KeepLoRAConfig) -> torch.dtype:
     """The torch dtype of `config.state_dtype`."""
     return getattr(torch, config.state_dtype)
+
+
+def _check_integer(name: str, value: object, minimum: int) -> None:
+    """`value` must be an integer (a bool is not one) of at least `minimum`, 0 or 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be a {'positive' if minimum else 'non-negative'} integer, got {value!r}")
 
 
 def _check_range(name: str, value: float, low: float, high: float, shown: str, *, low_open: bool) -> None:

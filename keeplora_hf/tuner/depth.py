@@ -1,6 +1,6 @@
 """Where a target sits in depth: its layer within the transformer stack that holds it.
 
-KeepLoRA++'s layer scale (`layer.layer_scales`) and the analysis' depth groups count depth by this one rule.
+KeepLoRA++'s layer scale (`layer_scales`) and the analysis' depth groups count depth by this one rule.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import re
 
 from torch import nn
 
-__all__ = ["stack_position"]
+__all__ = ["layer_scales", "stack_position"]
 
 _INDEX = re.compile(r"^\d+$")
 
@@ -27,3 +27,18 @@ def stack_position(model: nn.Module, name: str) -> tuple[str, int, int] | None:
         if isinstance(container, nn.ModuleList) and _INDEX.match(parts[i]):
             return container_name, int(parts[i]), len(container)
     return None
+
+
+def layer_scales(model: nn.Module, names: list[str], gamma: float) -> dict[str, float]:
+    """KeepLoRA++'s `s_l = gamma + (1 - gamma) * l / (L - 1)` for each target, depth counted per transformer stack
+    (`stack_position`). Targets outside any stack, or in a one-layer stack, get 1.0.
+    """
+    scales = {}
+    for name in names:
+        position = stack_position(model, name)
+        scale = 1.0
+        if position is not None and position[2] > 1:
+            _, depth, count = position
+            scale = gamma + (1.0 - gamma) * depth / (count - 1)
+        scales[name] = scale
+    return scales

@@ -11,16 +11,9 @@ import torch
 from peft import PeftConfig
 from peft.tuners.lora import LoraLayer
 
-from .layer import (
-    FINGERPRINT_TOLERANCE,
-    FinishedTask,
-    KeepLoRALayerState,
-    apply_delta_,
-    fingerprint_gap,
-    is_quantized,
-    layer_state,
-    set_layer_state,
-)
+from .layer import layer_state, set_layer_state
+from .state import FinishedTask, KeepLoRALayerState
+from .weights import FINGERPRINT_TOLERANCE, apply_delta_, fingerprint_gap, is_quantized
 
 STATE_KEY = "keeplora_state"
 

@@ -20,7 +20,7 @@ from keeplora_hf.analysis.interventions import perturb_residual, principal_only,
 from keeplora_hf.analysis.measure import _reset_energy
 from keeplora_hf.analysis.probe import train_lora, training_batches
 from keeplora_hf.subspace.principal import energy_rank, principal_basis
-from keeplora_hf.tuner.layer import layer_scales
+from keeplora_hf.tuner.depth import layer_scales
 
 
 def _logits(model, batch):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 from keeplora_hf.continual import ContinualRunner, ContinualTask
-from keeplora_hf.tuner.layer import KeepLoRALayerState
+from keeplora_hf.tuner.state import KeepLoRALayerState
 
 from toy_sequence import toy_model, toy_tasks
 

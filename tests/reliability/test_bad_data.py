@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from keeplora_hf.data.collators import VLMChatCollator
-from keeplora_hf.data.formats import DataFormatError, load_llava_json
+from keeplora_hf.data.formats import load_llava_json
+from keeplora_hf.data.rows import DataFormatError
 from keeplora_hf.models.demo import load_demo_model
 
 

@@ -13,7 +13,7 @@ from peft import get_peft_model
 from keeplora_hf import KeepLoRAConfig, begin_task, end_task, learned_update, protected_basis
 from keeplora_hf.models.demo import DEMO_LANGUAGE_TARGETS, build_demo_model
 from keeplora_hf.subspace import principal_basis
-from keeplora_hf.tuner.layer import base_weight
+from keeplora_hf.tuner.weights import base_weight
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")

@@ -1,0 +1,110 @@
+"""The feature statistic `end_task` grows each target's memory from, gathered over the task's data by `feature_source`:
+input activations, the task's mean weight gradient (through a co-range sketch), or per-batch weight gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from .statistics import (
+    LossFn,
+    all_reduce_sum_,
+    default_loss,
+    input_feature_pass,
+    layer_seed,
+    output_gradient_pass,
+    task_batches,
+    weight_gradient_pass,
+)
+from .subspace import FeatureStatistics, GradientSketch
+from .tuner.config import KeepLoRAConfig
+from .tuner.model import keeplora_context
+
+#: keeps the memory sketch's random matrix apart from the gradient sketch's of the same task and layer
+_MEMORY_SEED_OFFSET = 500_009
+
+
+def feature_covariances(
+    model: nn.Module, dataloader: Iterable[Any], *, max_batches: int | None = None, loss_fn: LossFn = default_loss
+) -> dict[str, torch.Tensor]:
+    """Each target's `d_in x d_in` feature statistic on the task's data, from which `end_task` grows the memory.
+
+    By `feature_source`: the second moment of the layer's inputs (`activations`); `G^T G` of the task's mean weight
+    gradient `G` at the model as it is (`mean_gradient`, sketched); or the sum of per-batch `G_b^T G_b` (`gradients`).
+    Summed across data-parallel ranks.
+    """
+    tuner, adapter, config, layers = keeplora_context(model)
+    network = getattr(model, "module", model)
+    task_index = tuner.progress(adapter).task_index
+    # the reference solver keeps float64 statistics; the fast one float32 (half the time and memory)
+    dtype = torch.float64 if config.memory_solver == "eigh" else torch.float32
+    batches = task_batches(dataloader, config.gradient_data_ratio, max_batches)
+    if config.feature_source == "mean_gradient":
+        return _mean_gradient_covariances(network, layers, batches, config, task_index, loss_fn, dtype)
+    stats = {
+        name: FeatureStatistics(m.get_base_layer().in_features, m.get_base_layer().weight.device, dtype=dtype)
+        for name, m in layers.items()
+    }
+    if config.feature_source == "activations":
+        count, shared = input_feature_pass(
+            network, layers, batches, loss_fn, lambda name, x: stats[name].update(x), description="KeepLoRA feature memory"
+        )
+    else:
+        count = weight_gradient_pass(
+            network,
+            layers,
+            batches,
+            loss_fn,
+            lambda name, grad: stats[name].update_covariance(grad.to(dtype).T @ grad.to(dtype)),
+            description="KeepLoRA feature memory",
+        )
+        shared = {}
+    if count == 0:
+        raise ValueError("end_task: the dataloader yielded no batches")
+    owners = {name: shared.get(name, name) for name in layers}
+    for name, owner in owners.items():  # in module order: every rank must reduce the same tensors in the same order
+        if owner == name:
+            all_reduce_sum_(stats[name].covariance)
+    return {name: stats[owner].covariance for name, owner in owners.items()}
+
+
+def _mean_gradient_covariances(
+    model: nn.Module,
+    layers: dict[str, LoraLayer],
+    batches: Iterable[Any],
+    config: KeepLoRAConfig,
+    task_index: int,
+    loss_fn: LossFn,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """`G^T G` of each target's mean weight gradient `G` (the reference LLaVA memory statistic), from hooks.
+
+    Each target accumulates the co-range sketch `X = Psi G` (`memory_sketch_rows x d_in`, `Psi` with orthonormal rows,
+    the identity once the rows reach `d_out`), so `X^T X = G^T Psi^T Psi G`: exactly `G^T G` when the sketch is exact,
+    otherwise its compression onto the sketch's rows, which keeps the top input-side directions of `G`.
+    """
+    sketches = {
+        name: GradientSketch(
+            m.get_base_layer().out_features,
+            m.get_base_layer().in_features,
+            config.memory_sketch_rows,
+            0,
+            seed=layer_seed(task_index, index) + _MEMORY_SEED_OFFSET,
+            device=m.get_base_layer().weight.device,
+        )
+        for index, (name, m) in enumerate(layers.items())
+    }
+    count = output_gradient_pass(
+        model, layers, batches, loss_fn, lambda name, x, g: sketches[name].update(x, g), description="KeepLoRA feature memory"
+    )
+    if count == 0:
+        raise ValueError("end_task: the dataloader yielded no batches")
+    covariances = {}
+    for name in layers:  # in module order: every rank must reduce the same tensors in the same order
+        sketch = all_reduce_sum_(sketches.pop(name).sketch).to(dtype)
+        covariances[name] = sketch.T @ sketch
+    return covariances

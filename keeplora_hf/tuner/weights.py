@@ -1,0 +1,82 @@
+"""A target's base weight: read as a float tensor whatever its storage, identified by a fingerprint, and updated in
+place by a finished task's float32 delta (one rounding, also on FSDP2 shards)."""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from ..sharding import full_value, local_part, local_value
+
+#: base-weight dtypes into which a float32 update merges with rounding far below training noise (~1e-7 relative)
+EXACT_MERGE_DTYPES = (torch.float32, torch.float64)
+#: unit vectors per forward when a quantized weight is read through its layer
+_PROBE_BLOCK = 1024
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's base weight as a float tensor (`d_out x d_in`).
+
+    A quantized base (bitsandbytes 4/8-bit, or any other backend) is read as the layer computes it: its outputs on
+    the unit vectors, `_PROBE_BLOCK` at a time, minus its output on zero (the bias). This needs no knowledge of the
+    storage format, which bitsandbytes changes on its CPU backend after the first forward (its own dequantize then
+    gives garbage).
+    """
+    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    weight = base.weight
+    if weight.dtype.is_floating_point and weight.ndim == 2:
+        return full_value(weight.detach())
+    d_in = base.in_features
+    device = weight.device
+    columns = []
+    with torch.no_grad():
+        offset = base(torch.zeros(1, d_in, device=device)).float()
+        for start in range(0, d_in, _PROBE_BLOCK):
+            count = min(_PROBE_BLOCK, d_in - start)
+            units = torch.zeros(count, d_in, device=device)
+            units[torch.arange(count), start + torch.arange(count)] = 1.0
+            columns.append(base(units).float() - offset)
+    return torch.cat(columns).T.contiguous()
+
+
+#: fixed random directions whose images under the pre-trained weight identify it (see `weight_fingerprint`)
+FINGERPRINT_PROBES = 2
+#: relative gap between fingerprints accepted as the same weights: a cast to bfloat16 moves them by ~2e-3, another
+#: model of the same shapes by ~1.4 (random weights) or more
+FINGERPRINT_TOLERANCE = 2e-2
+
+
+def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    """`W g` (`d_out x 2`, float32) for two fixed Gaussian directions `g`: cheap, stable under a dtype cast of the same
+    weights, and different for any other weight of the same shape."""
+    generator = torch.Generator().manual_seed(weight.shape[1])
+    probes = torch.randn(weight.shape[1], FINGERPRINT_PROBES, generator=generator).to(weight.device)
+    return weight.float() @ probes
+
+
+def fingerprint_gap(saved: torch.Tensor, weight: torch.Tensor) -> float:
+    """Relative distance between a saved fingerprint and that of `weight`."""
+    actual = weight_fingerprint(weight).to(saved.device)
+    return float((actual - saved.float()).norm() / saved.float().norm().clamp_min(1e-30))
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether the layer's base weight is stored quantized (nothing can be added into it)."""
+    return not module.get_base_layer().weight.dtype.is_floating_point
+
+
+def merges_exactly(module: nn.Module) -> bool:
+    """Whether a float32 update can be added into this layer's base weight without losing it to rounding."""
+    weight = module.get_base_layer().weight
+    return weight.dtype in EXACT_MERGE_DTYPES and weight.ndim == 2
+
+
+def apply_delta_(weight: torch.Tensor, delta: torch.Tensor) -> None:
+    """Add a float32 update into a base weight, rounded once to its dtype. Used for training and for reloading, so both
+    give the same bits. A weight sharded by FSDP2 is changed shard by shard, each rank adding its own rows."""
+    target, delta = local_value(weight.data), local_part(weight, delta)  # a sharded weight: this rank's rows
+    if target.dtype == delta.dtype:  # the same single rounding, without a transient copy of the weight
+        target.add_(delta)
+    else:
+        target.copy_((target.to(delta.dtype) + delta).to(target.dtype))
