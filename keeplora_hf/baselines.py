@@ -35,7 +35,9 @@ class Method:
     name: str
     description: str
     make_config: ConfigFactory | None = None
-    kind: str = "sequential"  # "sequential" (task after task), "joint" (all tasks at once) or "none" (zero-shot)
+    #: how the benchmark drives it: "sequential" (task after task), "joint" (all tasks at once), "single" (each task
+    #: alone from the pre-trained model) or "none" (zero-shot)
+    kind: str = "sequential"
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,6 +86,8 @@ METHODS: dict[str, Method] = {
         Method("keeplora++ memory=gradients", "KeepLoRA++ with the memory from per-batch gradient covariances",
                _keeplora(feature_source="gradients")),
         Method("joint-lora", "one LoRA on all tasks at once (upper bound)", _lora, kind="joint"),
+        Method("single-task-lora", "each task learned alone from the pre-trained model (per-task upper bound)", _lora,
+               kind="single"),
     )
 }
 DEFAULT_METHODS = ("keeplora++", "seq-lora")

@@ -175,6 +175,8 @@ def _run_method(method: Method, sequence: Sequence, settings: DemoSettings, seed
     config = {"demo": _training_settings(settings)}
     if method.kind == "none":
         return _zero_shot(method, base, tasks, general, out, config)
+    if method.kind == "single":
+        return _single_task(method, sequence, settings, seed, out, config)
     torch.manual_seed(seed)
     model = get_peft_model(base, method.make_config(settings.rank, settings.alpha, DEMO_TARGETS, base))
     args = _training_args(settings, sequence.epochs, seed, out / "trainer")
@@ -276,6 +278,29 @@ def _joint(method, model, tasks, general, collator, args, out: Path, config: dic
     matrix = [before] + [gap] * (len(tasks) - 1) + [after]
     kept = {k: [kept_before[k]] + [None] * (len(tasks) - 1) + [kept_after[k]] for k in kept_before}
     return _entry(method, matrix, kept, out, config, defined=JOINT_METRICS)
+
+
+def _single_task(
+    method: Method, sequence: Sequence, settings: DemoSettings, seed: int, out: Path, config: dict[str, Any]
+) -> dict[str, Any]:
+    """Each task learned alone from the pre-trained model, with the sequence's budget: row T holds what each task
+    reaches on its own (the per-task upper bound a sequence is read against), row 0 the pre-trained model."""
+    dtype = getattr(torch, settings.dtype)
+    base = sequence.load_base().to(dtype)
+    before, kept = _evaluate_all(base, sequence.tasks, sequence.general)
+    alone = []
+    for index, task in enumerate(sequence.tasks):
+        torch.manual_seed(seed)
+        base = sequence.load_base().to(dtype)
+        model = get_peft_model(base, method.make_config(settings.rank, settings.alpha, DEMO_TARGETS, base))
+        args = _training_args(settings, sequence.epochs, seed, out / "trainer" / f"{index:03d}_{_slug(task.name)}")
+        Trainer(model=model, args=args, train_dataset=task.train_dataset, data_collator=sequence.collator).train()
+        model.eval()
+        alone.append(task.metric(model, task.eval_dataset))
+    tasks = len(sequence.tasks)
+    matrix = [before] + [[None] * tasks] * (tasks - 1) + [alone]
+    general = {k: [v] + [None] * tasks for k, v in kept.items()}
+    return _entry(method, matrix, general, out, config, defined=("last",))
 
 
 def _benchmark_data(data_dir: Path, settings: DemoSettings) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def quick_model(tmp_path_factory):
 def test_short_demo_run_writes_results_and_resumes(tmp_path, quick_model, capsys):
     settings = DemoSettings(
         output_dir=str(tmp_path / "demo"),
-        methods=("zero-shot", "keeplora++", "osf", "joint-lora"),
+        methods=("zero-shot", "keeplora++", "osf", "joint-lora", "single-task-lora"),
         tasks=("count_red", "digits"),
         train_size=16, eval_size=8, general_size=10, epochs=1, batch_size=8,
         model_path=str(quick_model), video=True, video_train_size=8, video_eval_size=4, video_epochs=1,
@@ -41,6 +41,12 @@ def test_short_demo_run_writes_results_and_resumes(tmp_path, quick_model, capsys
     assert joint["accuracy_matrix"][1] == [None, None]
     assert joint["metrics"]["last"] == sum(joint["accuracy_matrix"][-1]) / 2
     assert joint["metrics"]["mft"] is None and joint["metrics"]["bwt"] is None  # no sequence, no plasticity or forgetting
+    alone = results["methods"]["single-task-lora"]
+    assert alone["accuracy_matrix"][0] == results["methods"]["zero-shot"]["accuracy_matrix"][0]  # the pre-trained model
+    assert alone["accuracy_matrix"][1] == [None, None] and None not in alone["accuracy_matrix"][-1]
+    assert alone["metrics"]["last"] == sum(alone["accuracy_matrix"][-1]) / 2
+    assert alone["metrics"]["mft"] is None and alone["metrics"]["general_retention"] is None
+    assert len(list((out / "image" / "seed0" / "single-task-lora" / "trainer").iterdir())) == 2  # one run per task
     assert (out / "summary.md").exists() and list((out / "image" / "seed0").glob("heatmap_*.png"))
     assert (out / "data" / "manifest.json").exists()
     assert "| keeplora++ |" in capsys.readouterr().out
