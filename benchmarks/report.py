@@ -202,6 +202,19 @@ def _step_details() -> list[str]:
     return lines
 
 
+def _state_details() -> list[str]:
+    """Goal 3 (state size): the LLaVA-1.5-7B state from measured ranks, and the state dtype on a bfloat16 model."""
+    lines = []
+    for name, title in (
+        ("state_size_llava-1.5-7b", "State and saved adapter of LLaVA-1.5-7B (`state_size_7b.py`)"),
+        ("state_dtype_demo-bf16", "State dtype on a bfloat16 model (`state_dtype.py`)"),
+    ):
+        r = read_result(name)
+        if r and r.get("markdown"):
+            lines += ["", f"## {title}", "", r["markdown"]]
+    return lines
+
+
 def write_report() -> Path:
     lines = [
         "# KeepLoRA++ performance benchmarks",
@@ -216,6 +229,7 @@ def write_report() -> Path:
         *_step_details(),
         *_boundary_details(),
         *_memory_details(),
+        *_state_details(),
     ]
     env = next((read_result(n) for n in ("step_time_llava-100m", "boundary_llava-100m") if read_result(n)), None)
     if env:

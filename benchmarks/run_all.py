@@ -29,6 +29,8 @@ FULL = [
     ["accuracy.py", "--part", "sequence", "--seeds", "5", "--steps", "60"],
     ["accuracy.py", "--part", "layers", "--model", "llava-100m", "--batches", "4"],
     ["principal.py"],
+    ["state_size_7b.py"],
+    ["state_dtype.py"],
 ]
 QUICK = [
     ["step_time.py", "--model", "tiny-llava", "--rounds", "30"],

@@ -194,7 +194,7 @@ def _general_presence(rng: np.random.Generator, answer: str) -> tuple[str, Image
     return question, render_scene(_blobs(rng, others, 5, 8), rng).image
 
 
-_GENERAL: dict[str, _Sampler] = {
+GENERAL_SAMPLERS: dict[str, _Sampler] = {
     "colour": _general_colour,
     "side": _general_side,
     "height": _general_height,
@@ -210,7 +210,7 @@ def _general(n: int, rng: np.random.Generator) -> list[Sample]:
     samples = []
     for skill in skills:
         answer = next(answers[skill])
-        question, image = _GENERAL[skill](rng, answer)
+        question, image = GENERAL_SAMPLERS[skill](rng, answer)
         samples.append(Sample(image, question, answer, skill))
     return samples
 
