@@ -24,6 +24,7 @@ from .statistics import (
     weight_gradient_pass,
 )
 from .subspace import GradientSketch, Subspace, memory_directions, principal_basis, residual_directions
+from .subspace.basis import orthonormalize
 from .tuner.config import KeepLoRAConfig, state_torch_dtype
 from .tuner.layer import layer_state, set_layer_state
 from .tuner.model import LAYER_CACHE_ATTR, TaskProgress, keeplora_context, keeplora_layers, tuner_of
@@ -34,14 +35,21 @@ logger = logging.getLogger(__name__)
 
 
 def protected_basis(model: nn.Module, module_name: str) -> torch.Tensor:
-    """The orthonormal `(d_in, k)` basis the current task's updates of `module_name` must avoid.
+    """The orthonormal `(d_in, k)` basis (float32, or float64 if stored so) the current task's updates of `module_name` must avoid.
 
-    It is the principal subspace of the pre-trained weight joined with the feature memory of finished tasks.
+    It is the principal subspace of the pre-trained weight joined with the feature memory of finished tasks, exactly
+    as the projections see it (a basis stored in 16 bits is re-orthonormalised).
     """
     _, adapter, _, layers = keeplora_context(model)
     if module_name not in layers:
         raise KeyError(f"{module_name!r} is not a KeepLoRA target; targets are named like {next(iter(layers), '')!r}")
-    return layer_state(layers[module_name], adapter).protected()
+    state = layer_state(layers[module_name], adapter)
+    basis = state.protected()
+    if basis.dtype in (torch.float32, torch.float64):
+        return basis
+    # 16-bit storage: the projections use the stored basis re-orthonormalised (`subspace()`); give exactly that span,
+    # in the stored columns' order (principal first)
+    return orthonormalize(state.subspace().project_onto(basis.float().T).T)
 
 
 def learned_update(model: nn.Module, module_name: str) -> torch.Tensor:
@@ -124,7 +132,7 @@ def first_task_state(module: LoraLayer, config: KeepLoRAConfig, energy: float | 
     weight = base_weight(module)
     energy = config.principal_energy if energy is None else energy
     principal, energies = principal_basis(weight, energy, solver=config.principal_solver, return_energies=True)
-    dtype = state_torch_dtype(config)
+    dtype = state_torch_dtype(config, module)
     state = KeepLoRALayerState(
         principal.to(dtype), principal.new_zeros(principal.shape[0], 0).to(dtype), principal_energies=energies
     )
@@ -235,7 +243,6 @@ def end_task(
     progress = tuner.progress(adapter)
     if not progress.in_task:
         raise RuntimeError("end_task called before begin_task: there is no task under way to finish")
-    dtype = state_torch_dtype(config)
     merge = {name: _merges(config, module, name) for name, module in layers.items()}  # refused before any change
     if config.train_lora_A:
         _check_lora_A_in_residual(layers, adapter)
@@ -256,7 +263,8 @@ def end_task(
 
     for name, module in layers.items():
         _finish_layer(
-            module, adapter, layer_state(module, adapter), new_directions.get(name), dtype, config.keep_principal_basis,
+            module, adapter, layer_state(module, adapter), new_directions.get(name), state_torch_dtype(config, module),
+            config.keep_principal_basis,
             merge=merge[name],
         )
     tuner.keeplora_progress[adapter] = TaskProgress(progress.task_index + 1, in_task=False)

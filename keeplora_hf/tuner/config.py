@@ -8,15 +8,17 @@ from typing import Literal
 
 import torch
 from peft import LoraConfig
+from torch import nn
 
 from ..subspace.memory import MEMORY_SOLVERS
 from ..subspace.principal import PRINCIPAL_SOLVERS
 from .peft_type import KEEPLORA_PEFT_TYPE
+from .weights import merges_exactly
 
 FEATURE_SOURCES = ("activations", "gradients", "mean_gradient")
 LORA_A_INITS = ("residual_gradient", "random", "minor_singular")
 GRADIENT_ESTIMATORS = ("sketch", "exact")
-STATE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+STATE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 FINISHED_TASKS = ("auto", "branch", "merge")
 
 
@@ -43,7 +45,8 @@ class KeepLoRAConfig(LoraConfig):
         sketch_oversampling (`int`, defaults to 64): rows of the gradient sketch beyond `r`.
         principal_solver (`str`, defaults to `"gram"`): `"gram"` or `"svd"`.
         memory_solver (`str`, defaults to `"randomized"`): `"randomized"` or `"eigh"`.
-        state_dtype (`str`, defaults to `"float32"`): dtype of the stored bases.
+        state_dtype (`str`, defaults to `"auto"`): dtype of the stored bases (float32 on float32/64 bases, float16
+            on bf16/fp16/quantized ones).
         finished_tasks (`str`, defaults to `"auto"`): `"auto"`, `"branch"` or `"merge"`.
         keep_principal_basis (`bool`, defaults to `False`): keep the principal basis beside its complement.
 
@@ -146,12 +149,16 @@ class KeepLoRAConfig(LoraConfig):
             "for what is added; 'eigh': the full eigendecomposition of the residual feature covariance (the reference)."
         },
     )
-    state_dtype: Literal["float32", "bfloat16", "float16", "float64"] = field(
-        default="float32",
+    state_dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = field(
+        default="auto",
         metadata={
             "help": "dtype of the stored bases (principal, memory or its complement), in memory and on disk. Every "
             "computation upcasts to float32 and re-orthonormalises low-precision bases, so A is exactly orthogonal "
-            "to the stored subspace; bfloat16 halves the state, at ~1e-3 of rotation of the subspace itself."
+            "to the stored subspace; a 16-bit state halves it, at a rotation of the subspace itself of 2.7e-4 "
+            "(float16) or 2.2e-3 (bfloat16), measured (benchmarks/state_dtype.py): basis entries lie in [-1, 1], so "
+            "float16's longer mantissa wins. 'auto': float32 where the base weight is float32/64 (finished tasks "
+            "merge exactly there, so the state keeps that precision), float16 on bfloat16/float16/quantized bases, "
+            "whose own rounding of each layer's output is larger than that rotation."
         },
     )
 
@@ -233,8 +240,10 @@ class KeepLoRAConfig(LoraConfig):
                 )
 
 
-def state_torch_dtype(config: KeepLoRAConfig) -> torch.dtype:
-    """The torch dtype of `config.state_dtype`."""
+def state_torch_dtype(config: KeepLoRAConfig, module: nn.Module) -> torch.dtype:
+    """The torch dtype of `config.state_dtype` for the target `module` ('auto' follows its base weight)."""
+    if config.state_dtype == "auto":
+        return torch.float32 if merges_exactly(module) else torch.float16
     return getattr(torch, config.state_dtype)
 
 

