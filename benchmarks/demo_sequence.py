@@ -20,13 +20,10 @@ from datasets import Dataset
 from peft import get_peft_model
 from torch.utils.data import DataLoader
 
-import keeplora_hf  # noqa: F401  registers the KEEPLORA peft type
 from keeplora_hf import KeepLoRAConfig, begin_task, end_task
 from keeplora_hf.data.collators import VLMChatCollator
 from keeplora_hf.data.formats import load_llava_json
-from keeplora_hf.data.synthetic.tasks import GENERAL_SKILLS, IMAGE_TASKS, balanced, make_task, task_rng
-from keeplora_hf.data.synthetic.tasks import GENERAL_SAMPLERS  # the general skills' samplers
-from keeplora_hf.data.synthetic.tasks import Sample
+from keeplora_hf.data.synthetic.tasks import IMAGE_TASKS, Sample, general_samples, make_task, task_rng
 from keeplora_hf.data.synthetic.writer import write_llava_json
 from keeplora_hf.models.demo import DEMO_LANGUAGE_TARGETS, DEMO_TARGETS, load_demo_model
 from keeplora_hf.models.pretrain import MAX_LENGTH
@@ -51,16 +48,7 @@ def task_datasets(names: tuple[str, ...], size: int, folder: Path, seed: int = 0
 
 def general_task(name: str, n: int, seed: int = 0) -> list[Sample]:
     """`n` questions of the general skills `GENERAL_TASKS[name]`, skills and answers balanced."""
-    skills = GENERAL_TASKS[name]
-    rng = task_rng(seed, name, "train")
-    chosen = balanced(rng, n, skills)
-    answers = {s: iter(balanced(rng, chosen.count(s), GENERAL_SKILLS[s].answers)) for s in skills}
-    samples = []
-    for skill in chosen:
-        answer = next(answers[skill])
-        question, image = GENERAL_SAMPLERS[skill](rng, answer)
-        samples.append(Sample(image, question, answer, skill))
-    return samples
+    return general_samples(n, task_rng(seed, name, "train"), GENERAL_TASKS[name])
 
 
 def demo_keeplora(dtype: torch.dtype = torch.float32, *, language_only: bool = False, **overrides):

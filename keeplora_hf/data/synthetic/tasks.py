@@ -194,7 +194,7 @@ def _general_presence(rng: np.random.Generator, answer: str) -> tuple[str, Image
     return question, render_scene(_blobs(rng, others, 5, 8), rng).image
 
 
-GENERAL_SAMPLERS: dict[str, _Sampler] = {
+_GENERAL: dict[str, _Sampler] = {
     "colour": _general_colour,
     "side": _general_side,
     "height": _general_height,
@@ -203,26 +203,26 @@ GENERAL_SAMPLERS: dict[str, _Sampler] = {
 }
 
 
-def _general(n: int, rng: np.random.Generator) -> list[Sample]:
-    """Skills in equal shares, in random order, with balanced answers within each skill."""
-    skills = balanced(rng, n, tuple(GENERAL_SKILLS))
-    answers = {name: iter(balanced(rng, skills.count(name), spec.answers)) for name, spec in GENERAL_SKILLS.items()}
+def general_samples(n: int, rng: np.random.Generator, skills: Sequence[str] = tuple(GENERAL_SKILLS)) -> list[Sample]:
+    """Questions of the general `skills`, in equal shares and random order, with balanced answers within each skill."""
+    chosen = balanced(rng, n, tuple(skills))
+    answers = {name: iter(balanced(rng, chosen.count(name), GENERAL_SKILLS[name].answers)) for name in skills}
     samples = []
-    for skill in skills:
+    for skill in chosen:
         answer = next(answers[skill])
-        question, image = GENERAL_SAMPLERS[skill](rng, answer)
+        question, image = _GENERAL[skill](rng, answer)
         samples.append(Sample(image, question, answer, skill))
     return samples
 
 
 def general_corpus(n: int, seed: int = 0) -> list[Sample]:
     """The pre-training distribution: colour, side, height, count and presence questions, mixed evenly."""
-    return _general(n, task_rng(seed, "general", "train"))
+    return general_samples(n, task_rng(seed, "general", "train"))
 
 
 def general_eval_suite(n: int, seed: int = 0) -> list[Sample]:
     """A held-out draw of the general distribution (its own random stream): the measure of kept general knowledge."""
-    return _general(n, task_rng(seed, "general", "eval"))
+    return general_samples(n, task_rng(seed, "general", "eval"))
 
 
 # Continual image tasks ------------------------------------------------------------------------------------------
