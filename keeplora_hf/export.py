@@ -14,6 +14,7 @@ from torch import nn
 
 from .continual.checkpoint import atomic_directory
 from .continual.run_dir import ADAPTER_FILES, RUN_FILE
+from .sharding import is_sharded
 from .tuner.layer import layer_state
 from .tuner.model import keeplora_layers, tuner_of
 from .tuner.state import FinishedTask
@@ -73,6 +74,11 @@ def _updates(module: nn.Module, adapter: str) -> list[FinishedTask]:
     """The layer's finished tasks, then the task under way when it has moved away from zero."""
     updates = list(layer_state(module, adapter).tasks)
     lora_b = module.lora_B[adapter].weight
+    if is_sharded(lora_b):  # reading it would be a collective, and export runs on the main process only
+        raise ValueError(
+            "export_lora reads the live adapter, which FSDP2 shards across ranks; export from the saved adapter "
+            "instead (keeplora_hf.hub.export_run on the run directory, or load it into an unsharded model)"
+        )
     if bool(lora_b.detach().abs().sum() > 0):
         current = FinishedTask(module.lora_A[adapter].weight.detach().float(), lora_b.detach().float(), float(module.scaling[adapter]))
         updates.append(current)

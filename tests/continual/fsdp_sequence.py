@@ -8,7 +8,8 @@ ended; a rerun loads the last saved task before sharding (as a user loads an ada
 `--kill-rank R --kill-task T` makes rank R SIGKILL itself in the middle of task T's training.
 
 Prints `MATRIX <json>` (rank 0) and `RESIDUAL <rank> <max |A P| / |A|>` on every rank at the end of every task's training, and writes
-each target's learned update to `OUT/updates.safetensors` (rank 0).
+each target's learned update to `OUT/updates.safetensors` (rank 0); sharded, rank 0 also tries `export_lora` on the
+live model and prints `EXPORT_REFUSED` with the error it must raise.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
 import keeplora_hf  # noqa: E402
+from keeplora_hf import export_lora  # noqa: E402
 from keeplora_hf.continual.evaluation import answer_exact_match  # noqa: E402
 from keeplora_hf.lifecycle import learned_update  # noqa: E402
 from keeplora_hf.models import build_tiny  # noqa: E402
@@ -127,6 +129,11 @@ def main() -> None:
     if rank == 0:
         save_file(updates, str(options.out / "updates.safetensors"))
         print("MATRIX " + json.dumps(rows), flush=True)
+        if world > 1:  # the live adapter is sharded: exporting it on one rank is refused, not a hang
+            try:
+                export_lora(model, options.out / "export")
+            except ValueError as error:
+                print(f"EXPORT_REFUSED {error}", flush=True)
     if world > 1:
         dist.destroy_process_group()
 
