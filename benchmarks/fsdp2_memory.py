@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist

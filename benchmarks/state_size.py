@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from keeplora_hf import begin_task, end_task
 from measure import configure_threads, write_result
-from setups import batches, bench_model, keeplora, optimizer_for, train_step
+from setups import batches, keeplora, optimizer_for, train_step
 
 BASIS_KEYS = ("keeplora_state.principal", "keeplora_state.memory", "keeplora_state.complement")
 

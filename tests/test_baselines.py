@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import keeplora_hf  # noqa: F401
 from keeplora_hf import KeepLoRAConfig, begin_task
