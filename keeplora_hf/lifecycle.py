@@ -24,7 +24,6 @@ from .statistics import (
     weight_gradient_pass,
 )
 from .subspace import GradientSketch, Subspace, memory_directions, principal_basis, residual_directions
-from .subspace.basis import orthonormalize
 from .tuner.config import KeepLoRAConfig, state_torch_dtype
 from .tuner.layer import layer_state, set_layer_state
 from .tuner.model import LAYER_CACHE_ATTR, TaskProgress, keeplora_context, keeplora_layers, tuner_of
@@ -35,21 +34,15 @@ logger = logging.getLogger(__name__)
 
 
 def protected_basis(model: nn.Module, module_name: str) -> torch.Tensor:
-    """The orthonormal `(d_in, k)` basis (float32, or float64 if stored so) the current task's updates of `module_name` must avoid.
+    """The orthonormal `(d_in, k)` basis the current task's updates of `module_name` must avoid.
 
     It is the principal subspace of the pre-trained weight joined with the feature memory of finished tasks, exactly
-    as the projections see it (a basis stored in 16 bits is re-orthonormalised).
+    as the projections see it (a basis stored in 16 bits comes back re-orthonormalised, in float32).
     """
     _, adapter, _, layers = keeplora_context(model)
     if module_name not in layers:
         raise KeyError(f"{module_name!r} is not a KeepLoRA target; targets are named like {next(iter(layers), '')!r}")
-    state = layer_state(layers[module_name], adapter)
-    basis = state.protected()
-    if basis.dtype in (torch.float32, torch.float64):
-        return basis
-    # 16-bit storage: the projections use the stored basis re-orthonormalised (`subspace()`); give exactly that span,
-    # in the stored columns' order (principal first)
-    return orthonormalize(state.subspace().project_onto(basis.float().T).T)
+    return layer_state(layers[module_name], adapter).protected()
 
 
 def learned_update(model: nn.Module, module_name: str) -> torch.Tensor:

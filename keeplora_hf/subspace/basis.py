@@ -12,7 +12,8 @@ import torch
 
 #: dtype in which projections are computed, whatever dtype a basis is stored in
 WORK_DTYPE = torch.float32
-_EXACT_DTYPES = (torch.float32, torch.float64)
+#: dtypes in which a stored basis is orthonormal to working precision; lower ones are re-orthonormalised
+EXACT_DTYPES = (torch.float32, torch.float64)
 
 
 def orthogonal_complement(basis: torch.Tensor) -> torch.Tensor:
@@ -51,7 +52,7 @@ class Subspace:
     def __init__(self, stored: torch.Tensor, *, complement: bool) -> None:
         if stored.ndim != 2:
             raise ValueError(f"a basis must be a (d, k) matrix, got shape {tuple(stored.shape)}")
-        if stored.dtype not in _EXACT_DTYPES:
+        if stored.dtype not in EXACT_DTYPES:
             stored = orthonormalize(stored.to(WORK_DTYPE))
         self.stored = stored
         self.complement = complement
@@ -61,7 +62,7 @@ class Subspace:
         """The subspace spanned by the orthonormal columns of `basis`, stored by the narrower of the two bases."""
         d, k = basis.shape
         if k > d - k:
-            work = basis if basis.dtype in _EXACT_DTYPES else orthonormalize(basis.to(WORK_DTYPE))
+            work = basis if basis.dtype in EXACT_DTYPES else orthonormalize(basis.to(WORK_DTYPE))
             return cls(orthogonal_complement(work), complement=True)
         return cls(basis, complement=False)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from ..subspace.basis import WORK_DTYPE, Subspace, orthogonal_complement, orthonormalize
+from ..subspace.basis import EXACT_DTYPES, WORK_DTYPE, Subspace, orthogonal_complement, orthonormalize
 from ..subspace.principal import principal_basis, ritz_energies
 from .weights import apply_delta_, base_weight, is_quantized
 
@@ -262,23 +262,31 @@ class KeepLoRALayerState(nn.Module):
 
     def protected(self) -> torch.Tensor:
         """An orthonormal basis of the protected subspace (`d_in x k`): `[principal, memory]`, or, when only the
-        complement is stored, the basis of its orthogonal complement (the same subspace, with no recomputation)."""
+        complement is stored, the basis of its orthogonal complement (the same subspace, with no recomputation).
+
+        Bases stored in 16 bits are not orthonormal to their own precision: they are re-orthonormalised in float32
+        (QR, so the principal columns stay first), which gives exactly the subspace every projection uses.
+        """
         if not self.initialised:
             raise RuntimeError("the principal basis has not been computed yet: call begin_task first")
         if self.complement is not None and self._principal is None:
-            return orthogonal_complement(self.complement.to(WORK_DTYPE)).to(self.complement.dtype)
+            basis = orthogonal_complement(self.complement.to(WORK_DTYPE))
+            return basis.to(self.complement.dtype) if self.complement.dtype in EXACT_DTYPES else basis
         if self.complement is not None:
-            return torch.cat([self._principal, self.memory.to(self._principal.dtype)], dim=1)
-        if self._memory is None or self._memory.shape[1] == 0:
-            return self._principal
-        return torch.cat([self._principal, self._memory.to(self._principal.dtype)], dim=1)
+            basis = torch.cat([self._principal, self.memory.to(self._principal.dtype)], dim=1)
+        elif self._memory is None or self._memory.shape[1] == 0:
+            basis = self._principal
+        else:
+            basis = torch.cat([self._principal, self._memory.to(self._principal.dtype)], dim=1)
+        return basis if basis.dtype in EXACT_DTYPES else orthonormalize(basis.to(WORK_DTYPE))
 
     def subspace(self) -> Subspace:
         """The protected subspace for computing (float32), by whichever basis the state stores; cached."""
         if not self.initialised:
             raise RuntimeError("the principal basis has not been computed yet: call begin_task first")
         if self._subspace is None:
-            # low-precision bases are re-orthonormalised in float32 by Subspace, so projections are exact for them
+            # low-precision bases are re-orthonormalised in float32 (by `protected` or Subspace), so projections are
+            # exact for them
             stored, complement = (self.complement, True) if self.complement is not None else (self.protected(), False)
             if stored.dtype == torch.float64:
                 stored = stored.to(WORK_DTYPE)
