@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
@@ -44,6 +45,4 @@ def assign_(parameter: torch.Tensor, value: torch.Tensor) -> None:
 
 def is_fully_sharded(model: nn.Module) -> bool:
     """Whether FSDP2 manages any part of `model` (so forward hooks gather parameters and collectives are in play)."""
-    from torch.distributed.fsdp import FSDPModule
-
     return any(isinstance(module, FSDPModule) for module in model.modules())
