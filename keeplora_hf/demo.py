@@ -176,7 +176,7 @@ def _run_method(method: Method, sequence: Sequence, settings: DemoSettings, seed
     if method.kind == "none":
         return _zero_shot(method, base, tasks, general, out, config)
     if method.kind == "single":
-        return _single_task(method, sequence, settings, seed, out, config)
+        return _single_task(method, base, sequence, settings, seed, out, config)
     torch.manual_seed(seed)
     model = get_peft_model(base, method.make_config(settings.rank, settings.alpha, DEMO_TARGETS, base))
     args = _training_args(settings, sequence.epochs, seed, out / "trainer")
@@ -281,12 +281,12 @@ def _joint(method, model, tasks, general, collator, args, out: Path, config: dic
 
 
 def _single_task(
-    method: Method, sequence: Sequence, settings: DemoSettings, seed: int, out: Path, config: dict[str, Any]
+    method: Method, base: nn.Module, sequence: Sequence, settings: DemoSettings, seed: int, out: Path,
+    config: dict[str, Any],
 ) -> dict[str, Any]:
-    """Each task learned alone from the pre-trained model, with the sequence's budget: row T holds what each task
-    reaches on its own (the per-task upper bound a sequence is read against), row 0 the pre-trained model."""
+    """Each task learned alone from the pre-trained model `base`, with the sequence's budget: row T holds what each
+    task reaches on its own (the per-task upper bound a sequence is read against), row 0 the pre-trained model."""
     dtype = getattr(torch, settings.dtype)
-    base = sequence.load_base().to(dtype)
     before, kept = _evaluate_all(base, sequence.tasks, sequence.general)
     alone = []
     for index, task in enumerate(sequence.tasks):
