@@ -10,7 +10,10 @@ working unchanged.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,8 +21,10 @@ from accelerate import PartialState
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader, Subset
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .lifecycle import begin_task, end_task, project_lora_A_
+from .sharding import is_partitioned
 from .statistics import LossFn, default_loss
 from .tuner.model import tuner_of
 
@@ -51,9 +56,7 @@ class KeepLoRACallback(TrainerCallback):
         tuner = tuner_of(model)
         adapter = tuner.keeplora_adapter()
         config = tuner.peft_config[adapter]
-        for module in tuner.model.modules():
-            if adapter in getattr(module, "lora_A", {}):
-                module.lora_A[adapter].weight.requires_grad_(config.train_lora_A)
+        tuner.freeze_lora_A(adapter)
         if train_dataloader is None:
             raise ValueError("KeepLoRACallback needs the Trainer's training dataloader (transformers >= 4.40)")
         self._statistics = statistics_dataloader(train_dataloader, config.gradient_data_ratio, args)
@@ -67,12 +70,33 @@ class KeepLoRACallback(TrainerCallback):
         if tuner.peft_config[tuner.keeplora_adapter()].train_lora_A:
             project_lora_A_(model)
 
+    def on_save(self, args, state, control, model=None, **kwargs: Any) -> None:
+        """Under ZeRO-3 the Trainer's checkpoint holds `A`, `B` and the KeepLoRA state only if DeepSpeed gathers a 16-bit
+        model at save: write the whole adapter there in any case (every rank gathers, the main one writes), so a
+        resumed task finds the task it was in."""
+        if any(is_partitioned(p) for p in model.parameters()):
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            save_adapter_into(model, checkpoint, is_main_process=state.is_world_process_zero)
+
     def end_task(self, trainer_or_model: Trainer | torch.nn.Module) -> None:
         """Finish the task trained by the last `train()`, on the same statistics subset `begin_task` used."""
         if self._statistics is None:
             raise RuntimeError("end_task: this callback has not seen a train() yet, so there is no task to finish")
         model = trainer_or_model.model if isinstance(trainer_or_model, Trainer) else trainer_or_model
         end_task(model, self._statistics, max_batches=len(self._statistics), loss_fn=self.loss_fn)
+
+
+def save_adapter_into(model: torch.nn.Module, directory: Path, *, is_main_process: bool) -> None:
+    """Write the whole adapter into an existing `directory`, each file replaced only once complete. Every rank calls it
+    (a sharded adapter is gathered); only the main process writes."""
+    if not is_main_process:
+        with tempfile.TemporaryDirectory() as unused:
+            model.save_pretrained(unused, is_main_process=False)
+        return
+    with tempfile.TemporaryDirectory(dir=directory.parent) as staging:
+        model.save_pretrained(staging)
+        for file in Path(staging).iterdir():
+            os.replace(file, directory / file.name)
 
 
 def statistics_dataloader(train_dataloader: DataLoader, ratio: float, args: Any) -> DataLoader:

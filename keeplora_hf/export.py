@@ -76,7 +76,7 @@ def _updates(module: nn.Module, adapter: str) -> list[FinishedTask]:
     lora_b = module.lora_B[adapter].weight
     if is_sharded(lora_b):  # reading it would be a collective, and export runs on the main process only
         raise ValueError(
-            "export_lora reads the live adapter, which FSDP2 shards across ranks; export from the saved adapter "
+            "export_lora reads the live adapter, which FSDP2 or ZeRO-3 shards across ranks; export from the saved adapter "
             "instead (keeplora_hf.hub.export_run on the run directory, or load it into an unsharded model)"
         )
     if bool(lora_b.detach().abs().sum() > 0):

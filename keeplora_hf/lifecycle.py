@@ -13,7 +13,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .feature_memory import feature_covariances
-from .sharding import assign_, full_value, local_value
+from .sharding import assign_, full_value, is_partitioned, local_value, zero_
 from .statistics import (
     LossFn,
     all_reduce_sum_,
@@ -76,9 +76,8 @@ def begin_task(
     network = getattr(model, "module", model)
 
     for module in layers.values():
-        with torch.no_grad():
-            module.lora_A[adapter].weight.zero_()
-            module.lora_B[adapter].weight.zero_()
+        zero_(module.lora_A[adapter].weight)
+        zero_(module.lora_B[adapter].weight)
     # the first task computes each layer's principal basis; it is installed only once the data pass has succeeded
     states: dict[str, KeepLoRALayerState] = {}
     fresh: set[str] = set()
@@ -267,7 +266,7 @@ def end_task(
 def _check_lora_A_in_residual(layers: dict[str, LoraLayer], adapter: str) -> None:
     """A trained `A` must have been re-projected after every step; refuse to keep a task whose `A` left the residual."""
     for name, module in layers.items():
-        lora_A = full_value(module.lora_A[adapter].weight.detach()).float()
+        lora_A = full_value(module.lora_A[adapter].weight).float()
         inside = layer_state(module, adapter).subspace().project_onto(lora_A).norm()
         if inside > 1e-4 * lora_A.norm():
             raise RuntimeError(
@@ -301,11 +300,10 @@ def _finish_layer(
 ) -> None:
     lora_A, lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
     task = FinishedTask(
-        full_value(lora_A.detach()).float().clone(), full_value(lora_B.detach()).float().clone(), float(module.scaling[adapter])
+        full_value(lora_A).float().clone(), full_value(lora_B).float().clone(), float(module.scaling[adapter])
     )
-    with torch.no_grad():
-        lora_A.zero_()
-        lora_B.zero_()
+    zero_(lora_A)
+    zero_(lora_B)
     state.add_task(task)
     if merge:
         state.merge_into_base_(module)
@@ -324,10 +322,13 @@ def project_lora_A_(model: nn.Module) -> None:
     adapter, layers = _projected_layers(model)
     with torch.no_grad():
         for module in layers:
-            if module.lora_A[adapter].weight.requires_grad:
-                lora_A = local_value(module.lora_A[adapter].weight)  # its rows: sharded by FSDP2, each rank its own
+            weight = module.lora_A[adapter].weight
+            if weight.requires_grad:
                 subspace = layer_state(module, adapter).subspace()  # cached: the basis (or complement) in float32
-                if lora_A.dtype == torch.float32:
+                lora_A = local_value(weight)  # its rows: sharded by FSDP2, each rank its own
+                if is_partitioned(weight):  # ZeRO-3: gathered, projected, written back with its float32 master
+                    assign_(weight, subspace.project_out(full_value(weight).float()))
+                elif lora_A.dtype == torch.float32:
                     subspace.project_out_(lora_A)
                 else:  # half-precision weights: project in float32, round once
                     lora_A.copy_(subspace.project_out(lora_A.float()).to(lora_A.dtype))

@@ -166,7 +166,7 @@ def weight_gradient_pass(
     if is_fully_sharded(model):
         raise NotImplementedError(
             "gradient_estimator='exact' and feature_source='gradients' read each target's whole weight gradient, which "
-            "FSDP2 reduce-scatters across ranks; on a sharded model use the default gradient_estimator='sketch' and "
+            "FSDP2 and ZeRO-3 reduce-scatter across ranks; on a sharded model use the default gradient_estimator='sketch' and "
             "feature_source 'activations' or 'mean_gradient' (both from hooks on activations). Nothing was changed."
         )
 
@@ -247,9 +247,7 @@ class _StopForward(BaseException):
 
 def _early_exit_is_safe(model: nn.Module) -> bool:
     """Aborting a forward is harmless unless a sharding wrapper gathers parameters in forward hooks (FSDP, ZeRO-3)."""
-    if is_fully_sharded(model) or any("FullyShardedDataParallel" in type(m).__name__ for m in model.modules()):
-        return False
-    return not any(hasattr(p, "ds_id") for p in model.parameters())
+    return not is_fully_sharded(model) and not any("FullyShardedDataParallel" in type(m).__name__ for m in model.modules())
 
 
 def input_feature_pass(

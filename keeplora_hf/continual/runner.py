@@ -23,7 +23,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..callback import KeepLoRACallback
-from ..sharding import is_fully_sharded
+from ..sharding import is_fully_sharded, is_partitioned
 from ..trainer import KeepLoRATrainer
 from ..tuner.model import KeepLoRAModel
 from .checkpoint import (
@@ -104,6 +104,13 @@ class ContinualRunner:
         self.state = PartialState()
         if not isinstance(model, PeftModel):
             raise TypeError(f"ContinualRunner needs a PeftModel (get_peft_model(base, config)), got {type(model).__name__}")
+        if any(is_partitioned(p) for p in model.parameters()):
+            raise ValueError(
+                "the model's weights are already partitioned by DeepSpeed ZeRO-3 (zero.Init at load): the runner "
+                "evaluates the pre-trained model before the first train(), when DeepSpeed has no hooks yet to gather "
+                "them for a forward. Load it whole (accelerate config `zero3_init_flag: false`, or inside "
+                "keeplora_hf.recipes.loaded_whole(training_args)); DeepSpeed partitions it at the first train()."
+            )
         self.keeplora = isinstance(model.base_model, KeepLoRAModel)
         self.adapter = model.active_adapter
         self.learned = 0  # tasks learned so far, restored by resume
@@ -165,6 +172,11 @@ class ContinualRunner:
         checkpoint = _last_complete_checkpoint(trainer_dir)
         if checkpoint is not None:
             logger.info("task %s: resuming from the Trainer checkpoint %s", task.name, checkpoint)
+            if self.keeplora and trainer.is_deepspeed_enabled:
+                # DeepSpeed restores the optimizer and the trained weights, not the KeepLoRA state of the task under
+                # way (nor a frozen `A`): they come from the checkpoint's adapter, loaded before DeepSpeed partitions
+                self.model.load_adapter(str(checkpoint), self.adapter, is_trainable=True)
+                self.model.base_model.freeze_lora_A(self.adapter)
         start = time.perf_counter()
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -268,6 +280,8 @@ class ContinualRunner:
                 raise ValueError("resuming needs a fresh model: this one has already learned tasks")
             logger.info("resuming after %s", self.layout.slug(last_adapter))
             self.model.load_adapter(str(self.layout.adapter_dir(last_adapter)), self.adapter, is_trainable=True)
+            if self.keeplora:
+                self.model.base_model.freeze_lora_A(self.adapter)
             self.learned = last_adapter
         done = self.learned
         orphans = [i for i in rows if i > done]

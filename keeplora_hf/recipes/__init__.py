@@ -19,7 +19,7 @@ from __future__ import annotations
 from .adapter import keeplora_config, seed_principal_energy
 from .arguments import DataArguments, ModelArguments, RecipeArguments, RecipeConfig, parse_recipe_args
 from .clip import TaskClipCollator, clip_loss, clip_zero_shot_metric
-from .distributed import refuse_unsupported_sharding
+from .distributed import loaded_whole, refuse_unsupported_sharding
 from .loading import FAMILY_OF_MODEL_TYPE, PROJECTOR_MODULES, VIDEO_FAMILIES, load_clip, load_vlm
 from .optim import projector_optimizer
 from .run import prepare, run_chat_recipe, run_recipe
@@ -48,6 +48,7 @@ __all__ = [
     "parse_recipe_args",
     "prepare",
     "projector_optimizer",
+    "loaded_whole",
     "refuse_unsupported_sharding",
     "run_chat_recipe",
     "run_recipe",

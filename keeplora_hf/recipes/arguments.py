@@ -182,7 +182,7 @@ def parse_recipe_args(argv: Sequence[str] | None = None) -> RecipeConfig:
             remaining.append(arg)
         index += 1
 
-    refuse_unsupported_sharding()  # from the launcher's environment, before TrainingArguments sets DeepSpeed up
+    refuse_unsupported_sharding()  # from the launcher's environment, before TrainingArguments sets FSDP up
     parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, TrainingArguments))
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)

@@ -1,30 +1,16 @@
-"""The distributed set-ups the recipes refuse (DeepSpeed ZeRO-3, FSDP1), checked before loading; FSDP2 works."""
+"""The distributed set-up the recipes refuse (FSDP1), checked before loading; DDP, ZeRO-2/3 and FSDP2 work. Under
+ZeRO-3 the model is loaded whole and partitioned by DeepSpeed at the first task's `train()`."""
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from transformers import TrainingArguments
+from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
-__all__ = ["refuse_unsupported_sharding"]
-
-
-def _deepspeed_stage(training: TrainingArguments | None) -> int | None:
-    config = None if training is None else training.deepspeed
-    if isinstance(config, str) and os.path.isfile(config):
-        with open(config, encoding="utf-8") as handle:
-            config = json.load(handle)
-    if isinstance(config, dict):
-        stage = config.get("zero_optimization", {}).get("stage")
-        return int(stage) if stage is not None else None
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-        if stage is None and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-            with open(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"], encoding="utf-8") as handle:
-                stage = json.load(handle).get("zero_optimization", {}).get("stage")
-        return int(stage) if stage is not None else None
-    return None
+__all__ = ["loaded_whole", "refuse_unsupported_sharding"]
 
 
 def _fsdp_version(training: TrainingArguments | None) -> int | None:
@@ -40,23 +26,32 @@ def _fsdp_version(training: TrainingArguments | None) -> int | None:
 
 
 def refuse_unsupported_sharding(training: TrainingArguments | None = None) -> None:
-    """Stop at once, with the reason, under DeepSpeed ZeRO-3 or FSDP1 parameter sharding.
+    """Stop at once, with the reason, under FSDP1 parameter sharding.
 
     KeepLoRA's subspace computations (the principal basis of each pre-trained weight, writing `A`, merging a task)
-    need each target's whole weight once per task. Under FSDP2 every weight is a `DTensor`, gathered one layer at a
-    time (`keeplora_hf.sharding`); FSDP1's flat parameters and ZeRO-3's partitions would need their own gathering,
-    which is not implemented. DDP, ZeRO-2 and FSDP2 work. Without `training`, only what `accelerate launch` put in
-    the environment is checked (before `TrainingArguments` sets DeepSpeed up).
+    need each target's whole weight once per task, one layer at a time: `keeplora_hf.sharding` gathers an FSDP2
+    `DTensor` or a ZeRO-3 partition, but not FSDP1's flat parameters. Without `training`, only what `accelerate
+    launch` put in the environment is checked (before `TrainingArguments` sets the distributed state up).
     """
-    if _deepspeed_stage(training) == 3:
-        raise NotImplementedError(
-            "DeepSpeed ZeRO-3 shards every weight across ranks, but KeepLoRA's subspace computations need each "
-            "target's whole weight; gathering ZeRO-3 partitions (deepspeed.zero.GatheredParameters) is not "
-            "implemented. Use recipes/accelerate_configs/fsdp2.yaml to shard the weights, or deepspeed_zero2.yaml / "
-            "multi_gpu.yaml when the model fits one GPU."
-        )
     if _fsdp_version(training) == 1:
         raise NotImplementedError(
             "FSDP1 shards the weights as flat parameters, which KeepLoRA cannot gather layer by layer; FSDP2 "
-            "(fsdp_version: 2) is supported: use recipes/accelerate_configs/fsdp2.yaml."
+            "(fsdp_version: 2) is supported: use recipes/accelerate_configs/fsdp2.yaml (or deepspeed_zero3.yaml)."
         )
+
+
+@contextmanager
+def loaded_whole(training: TrainingArguments) -> Iterator[None]:
+    """Load the model whole even when the Trainer's DeepSpeed config is ZeRO-3, where transformers would partition it
+    at construction (`zero.Init`). The runner evaluates the pre-trained model before the first `train()`, which is
+    when DeepSpeed installs the hooks that gather partitioned weights for a forward; it partitions the model then."""
+    plugin = getattr(training, "deepspeed_plugin", None)  # accelerate's, whose object transformers consults
+    hf_config = getattr(plugin, "dschf", None) or getattr(training, "hf_deepspeed_config", None)
+    if hf_config is None or not hf_config.is_zero3():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(hf_config)

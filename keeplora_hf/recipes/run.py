@@ -15,7 +15,7 @@ from ..continual import ContinualRunner, ContinualTask, GeneralSet
 from ..tuner.config import KeepLoRAConfig
 from .adapter import keeplora_config, seed_principal_energy
 from .arguments import RecipeConfig, parse_recipe_args
-from .distributed import refuse_unsupported_sharding
+from .distributed import loaded_whole, refuse_unsupported_sharding
 from .loading import PROJECTOR_MODULES, load_vlm
 from .optim import projector_optimizer
 from .tasks import build_chat_tasks, chat_collator
@@ -29,7 +29,7 @@ __all__ = ["prepare", "run_chat_recipe", "run_recipe"]
 def prepare(config: RecipeConfig, writer: Callable[[Path], None] | None = None) -> PartialState:
     """Logging, the distributed state, refusal of sharded parameters, and the tiny data set when asked for."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    refuse_unsupported_sharding(config.training)  # first: setting up a DeepSpeed state would already need deepspeed
+    refuse_unsupported_sharding(config.training)  # first: before any distributed state is set up
     _ = config.training.device  # sets up the distributed state the way the Trainer will
     state = PartialState()
     if not state.is_main_process:
@@ -89,7 +89,8 @@ def run_chat_recipe(argv: Sequence[str] | None, media: str) -> dict[str, Any]:
     """
     config = parse_recipe_args(argv)
     prepare(config, writer=TINY_DATA_WRITERS[media])
-    model, processor, family = load_vlm(config.model)
+    with loaded_whole(config.training):
+        model, processor, family = load_vlm(config.model)
     collator = chat_collator(config, processor, family)
     tasks, general = build_chat_tasks(config, collator, media=media)
 

@@ -7,7 +7,7 @@ import torch
 from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
-from ..sharding import full_value
+from ..sharding import full_value, is_partitioned, zero_
 from .config import KeepLoRAConfig
 from .depth import layer_scales
 from .layer import has_layer_state, layer_state
@@ -44,18 +44,23 @@ class KeepLoRAModel(LoraModel):
         scales = layer_scales(model, list(layers), config.layer_scale_gamma)
         for name, module in layers.items():
             module.set_scale(adapter_name, scales[name])
-            with torch.no_grad():
-                module.lora_A[adapter_name].weight.zero_()
-                module.lora_B[adapter_name].weight.zero_()
+            zero_(module.lora_A[adapter_name].weight)
+            zero_(module.lora_B[adapter_name].weight)
             layer_state(module, adapter_name)
         self.__dict__.setdefault("keeplora_progress", {})[adapter_name] = TaskProgress()
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
-        for adapter_name, config in self.peft_config.items():
-            for module in model.modules():
-                if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
-                    module.lora_A[adapter_name].weight.requires_grad_(config.train_lora_A)
+        for adapter_name in self.peft_config:
+            self.freeze_lora_A(adapter_name)
+
+    def freeze_lora_A(self, adapter_name: str) -> None:
+        """`A` trains only with `train_lora_A`; loading an adapter with `is_trainable=True` marks it trainable again, and
+        an optimizer built then (DeepSpeed's, at `train()`) would hold a stale copy of it."""
+        train = self.peft_config[adapter_name].train_lora_A
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+                module.lora_A[adapter_name].weight.requires_grad_(train)
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         """`merge_and_unload()` folds the finished tasks kept as branches into the base weights first (one rounding
@@ -82,9 +87,16 @@ class KeepLoRAModel(LoraModel):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # sharded adapter tensors are gathered whole, never the base model, on every rank: call
+        # `save_pretrained(..., is_main_process=...)` on all ranks, as PEFT and accelerate do. A ZeRO-3 partition is
+        # empty in `state_dict`, so it is read from its parameter; an FSDP2 `DTensor` is gathered once filtered.
+        parameters = dict(model.named_parameters())
+        partitioned = [
+            k for k, v in state_dict.items()
+            if f".{adapter_name}." in k and not v.numel() and k in parameters and is_partitioned(parameters[k])
+        ]
+        state_dict = {**state_dict, **{key: full_value(parameters[key]) for key in partitioned}}
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        # weights sharded by FSDP2 are gathered whole, adapter tensor by adapter tensor (never the base model), on
-        # every rank: call `save_pretrained(..., is_main_process=...)` on all ranks, as PEFT and accelerate do
         to_return = {key: full_value(value) for key, value in to_return.items()}
         to_return.update(continual_state_dict(model, adapter_name))
         return to_return

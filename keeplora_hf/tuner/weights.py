@@ -1,5 +1,5 @@
 """A target's base weight: read as a float tensor whatever its storage, identified by a fingerprint, and updated in
-place by a finished task's float32 delta (one rounding, also on FSDP2 shards)."""
+place by a finished task's float32 delta (one rounding, also on sharded weights)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from ..sharding import full_value, local_part, local_value
+from ..sharding import full_value, shape_of, update_
 
 #: base-weight dtypes into which a float32 update merges with rounding far below training noise (~1e-7 relative)
 EXACT_MERGE_DTYPES = (torch.float32, torch.float64)
@@ -25,8 +25,8 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     """
     base = module.get_base_layer() if isinstance(module, LoraLayer) else module
     weight = base.weight
-    if weight.dtype.is_floating_point and weight.ndim == 2:
-        return full_value(weight.detach())
+    if weight.dtype.is_floating_point and len(shape_of(weight)) == 2:
+        return full_value(weight)
     d_in = base.in_features
     device = weight.device
     columns = []
@@ -69,14 +69,17 @@ def is_quantized(module: nn.Module) -> bool:
 def merges_exactly(module: nn.Module) -> bool:
     """Whether a float32 update can be added into this layer's base weight without losing it to rounding."""
     weight = module.get_base_layer().weight
-    return weight.dtype in EXACT_MERGE_DTYPES and weight.ndim == 2
+    return weight.dtype in EXACT_MERGE_DTYPES and len(shape_of(weight)) == 2
 
 
 def apply_delta_(weight: torch.Tensor, delta: torch.Tensor) -> None:
     """Add a float32 update into a base weight, rounded once to its dtype. Used for training and for reloading, so both
-    give the same bits. A weight sharded by FSDP2 is changed shard by shard, each rank adding its own rows."""
-    target, delta = local_value(weight.data), local_part(weight, delta)  # a sharded weight: this rank's rows
-    if target.dtype == delta.dtype:  # the same single rounding, without a transient copy of the weight
-        target.add_(delta)
-    else:
-        target.copy_((target.to(delta.dtype) + delta).to(target.dtype))
+    give the same bits. A sharded weight is changed through `update_` (FSDP2: each rank adds its own rows)."""
+
+    def add(target: torch.Tensor, part: torch.Tensor) -> None:
+        if target.dtype == part.dtype:  # the same single rounding, without a transient copy of the weight
+            target.add_(part)
+        else:
+            target.copy_((target.to(part.dtype) + part).to(target.dtype))
+
+    update_(weight, delta, add)

@@ -25,6 +25,7 @@ from keeplora_hf.recipes import (
     clip_loss,
     keeplora_config,
     load_clip,
+    loaded_whole,
     parse_recipe_args,
     prepare,
     run_recipe,
@@ -35,7 +36,8 @@ from keeplora_hf.recipes import (
 def main(argv: list[str] | None = None) -> dict:
     config = parse_recipe_args(argv)
     prepare(config, writer=write_tiny_classification_data)
-    model, processor = load_clip(config.model)
+    with loaded_whole(config.training):
+        model, processor = load_clip(config.model)
     if config.model.train_projector:
         raise ValueError("CLIP has no vision-language projector to train: set train_projector to false")
     tasks, general, collator = build_classification_tasks(config, processor)

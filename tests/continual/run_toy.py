@@ -1,7 +1,8 @@
 """Run the toy sequence in a process of its own, optionally killing it (SIGKILL) at a chosen point.
 
-Used by the resume and multi-process tests: `python run_toy.py OUT [--kill train|eval|save] [--task K]`, or under
-`torchrun --nproc_per_node 2`.
+Used by the resume, multi-process and DeepSpeed tests: `python run_toy.py OUT [--kill train|eval|save] [--task K]
+[--kill-rank R] [--dtype bfloat16]`, or under `torchrun --nproc_per_node 2` [`--deepspeed-stage 2|3`: the Trainer runs DeepSpeed ZeRO
+on the CPU processes, and every rank prints `RESIDUAL <rank> <max |A P| / |A|>` at the end of each task's training].
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import torch  # noqa: E402
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 from keeplora_hf.continual import ContinualRunner  # noqa: E402
+from keeplora_hf.sharding import full_value  # noqa: E402
+from keeplora_hf.tuner.layer import layer_state  # noqa: E402
+from keeplora_hf.tuner.model import keeplora_layers  # noqa: E402
 from toy_sequence import toy_model, toy_tasks  # noqa: E402
 
 
@@ -26,12 +31,30 @@ def die() -> None:
 
 
 class KillDuringTask(TrainerCallback):
-    def __init__(self, runner: ContinualRunner, task: int, step: int) -> None:
-        self.runner, self.task, self.step = runner, task, step
+    def __init__(self, runner: ContinualRunner, task: int, step: int, rank: int | None) -> None:
+        self.runner, self.task, self.step, self.rank = runner, task, step, rank
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.runner.learned == self.task - 1 and state.global_step == self.step:
+        if self.runner.learned == self.task - 1 and state.global_step == self.step and self.rank in (None, args.process_index):
             die()
+
+
+class PrintResidual(TrainerCallback):
+    """`max |A P| / |A|` over the targets, each `A` read whole (a gather under ZeRO-3: every rank runs it)."""
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        worst = 0.0
+        for module in keeplora_layers(model, "default").values():
+            rows = full_value(module.lora_A["default"].weight).float()
+            if rows.norm() > 0:
+                worst = max(worst, float(layer_state(module, "default").subspace().project_onto(rows).norm() / rows.norm()))
+        print(f"RESIDUAL {args.process_index} {worst:.3g}", flush=True)
+
+
+def deepspeed_config(stage: int) -> dict:
+    """ZeRO `stage` in float32, batch sizes and optimizer taken from the TrainingArguments."""
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto", "zero_optimization": {"stage": stage}}
 
 
 def main() -> None:
@@ -39,11 +62,14 @@ def main() -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--kill", choices=["train", "eval", "save"])
     parser.add_argument("--task", type=int, default=2)
+    parser.add_argument("--kill-rank", type=int, help="with --kill train: only this rank dies (default: every rank)")
     parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--deepspeed-stage", type=int, choices=[2, 3])
     options = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    model, tiny = toy_model()
+    model, tiny = toy_model(getattr(torch, options.dtype))
     tasks, general = toy_tasks(tiny, count=3, train_size=48)
     args = TrainingArguments(
         output_dir=options.output_dir,
@@ -58,12 +84,13 @@ def main() -> None:
         use_cpu=True,
         disable_tqdm=True,
         ddp_backend="gloo" if world > 1 else None,
+        deepspeed=deepspeed_config(options.deepspeed_stage) if options.deepspeed_stage else None,
     )
-    callbacks = []
+    callbacks = [PrintResidual()] if options.deepspeed_stage else []
     runner = ContinualRunner(model, tasks, args, options.output_dir, general_sets=general,
                              trainer_kwargs={"callbacks": callbacks})
     if options.kill == "train":
-        callbacks.append(KillDuringTask(runner, options.task, step=6))
+        callbacks.append(KillDuringTask(runner, options.task, step=6, rank=options.kill_rank))
     elif options.kill == "eval":
         metric = tasks[-1].metric
         calls = {"n": 0}

@@ -6,21 +6,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
+from adapter_updates import task_updates
 from test_resume import SCRIPT, matrix
 
 # stated tolerance: every merged task update within 1e-3 relative (float summation order differs across ranks),
 # every accuracy within one eval sample (1/16)
 DELTA_TOLERANCE = 1e-3
 ACCURACY_TOLERANCE = 1 / 16
-
-
-def task_deltas(run_dir) -> dict[str, torch.Tensor]:
-    adapter = sorted((run_dir / "tasks").iterdir())[-1] / "adapter" / "adapter_model.safetensors"
-    tensors = load_file(adapter)
-    return {k: tensors[k[: -len("lora_A")] + "lora_B"] @ tensors[k] for k in tensors if k.endswith(".lora_A") and "keeplora_state.task" in k}
 
 
 @pytest.mark.slow
@@ -34,7 +27,7 @@ def test_two_processes_match_one(tmp_path, reference_run):
     assert len(double) == len(single)
     for row_single, row_double in zip(single, double):
         assert all(abs(a - b) <= ACCURACY_TOLERANCE for a, b in zip(row_single, row_double)), (single, double)
-    ones, twos = task_deltas(single_dir), task_deltas(tmp_path / "double")
+    ones, twos = task_updates(single_dir), task_updates(tmp_path / "double")
     assert ones.keys() == twos.keys() and ones
     worst = max(((ones[k] - twos[k]).norm() / ones[k].norm()).item() for k in ones)
     assert worst <= DELTA_TOLERANCE, worst
