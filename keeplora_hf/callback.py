@@ -56,6 +56,14 @@ class KeepLoRACallback(TrainerCallback):
         tuner = tuner_of(model)
         adapter = tuner.keeplora_adapter()
         config = tuner.peft_config[adapter]
+        if state.global_step > 0 and not tuner.progress(adapter).in_task:
+            raise RuntimeError(
+                f"train() resumes a checkpoint at step {state.global_step}, but the model is not in a KeepLoRA task: "
+                "the checkpoint's adapter, which holds the task under way, was not loaded (DeepSpeed restores only its "
+                "own checkpoint), and beginning the task again would discard what it learned. Load it first: "
+                "model.load_adapter(checkpoint, adapter_name, is_trainable=True), then train(resume_from_checkpoint="
+                "checkpoint), as ContinualRunner does."
+            )
         tuner.freeze_lora_A(adapter)
         if train_dataloader is None:
             raise ValueError("KeepLoRACallback needs the Trainer's training dataloader (transformers >= 4.40)")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import Trainer, TrainingArguments
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from keeplora_hf import KeepLoRACallback, KeepLoRAConfig, learned_update, protected_basis
 from keeplora_hf.models import build_tiny
+from keeplora_hf.tuner.model import tuner_of
 
 from toy_sequence import toy_tasks
 
@@ -143,3 +145,18 @@ def test_callback_with_trl_sft_trainer(tmp_path):
     first = processor.apply_chat_template(data[0][0]["messages"], tokenize=False)
     batch = processor(text=[first], images=[data[0][0]["images"]], return_tensors="pt")
     check_two_tasks(model, train_task, dict(batch))
+
+
+def test_a_resumed_train_whose_task_state_was_not_loaded_is_refused(tmp_path):
+    """DeepSpeed restores its own checkpoint only: a resumed `train()` on a model outside a task must not begin the task
+    again (B = 0 inside a half-trained optimizer) but say what to load."""
+    tiny = build_tiny("llava")
+    model = get_peft_model(tiny.model, KeepLoRAConfig(r=4, lora_alpha=8, target_modules=tiny.language_targets))
+    tasks, _ = toy_tasks(tiny, count=1, train_size=8)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    loader = DataLoader(tasks[0].train_dataset, batch_size=4)
+    with pytest.raises(RuntimeError, match="resumes a checkpoint at step 2.*model.load_adapter"):
+        KeepLoRACallback().on_train_begin(args, TrainerState(global_step=2), TrainerControl(), model=model,
+                                          train_dataloader=loader)
+    assert not tuner_of(model).progress("default").in_task
+    assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if "lora_" in n)  # nothing begun
