@@ -1,7 +1,7 @@
 """Run the toy sequence in a process of its own, optionally killing it (SIGKILL) at a chosen point.
 
 Used by the resume, multi-process and DeepSpeed tests: `python run_toy.py OUT [--kill train|eval|save] [--task K]
-[--kill-rank R] [--dtype bfloat16]`, or under `torchrun --nproc_per_node 2` [`--deepspeed-stage 2|3`: the Trainer runs DeepSpeed ZeRO
+[--kill-rank R] [--dtype bfloat16] [--train-lora-A]`, or under `torchrun --nproc_per_node 2` [`--deepspeed-stage 2|3`: the Trainer runs DeepSpeed ZeRO
 on the CPU processes, and every rank prints `RESIDUAL <rank> <max |A P| / |A|>` at the end of each task's training].
 """
 
@@ -66,10 +66,11 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--deepspeed-stage", type=int, choices=[2, 3])
+    parser.add_argument("--train-lora-A", action="store_true", help="train A too (re-projected after every step)")
     options = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    model, tiny = toy_model(getattr(torch, options.dtype))
+    model, tiny = toy_model(getattr(torch, options.dtype), train_lora_A=options.train_lora_A)
     tasks, general = toy_tasks(tiny, count=3, train_size=48)
     args = TrainingArguments(
         output_dir=options.output_dir,

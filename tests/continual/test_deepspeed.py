@@ -54,10 +54,16 @@ def worst_update_gap(reference: Path, run_dir: Path, task: str = "") -> float:
     return max(float((ones[k] - twos[k]).norm() / ones[k].norm()) for k in keys)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_learns_what_one_process_learns(tmp_path, reference_run, stage):
-    single_dir, reference = reference_run
-    result = run(tmp_path / "run", "--deepspeed-stage", str(stage))
+@pytest.mark.parametrize("stage, options", [(2, ()), (3, ()), (3, ("--train-lora-A",))],
+                         ids=["zero2", "zero3", "zero3_trained_A"])
+def test_zero_learns_what_one_process_learns(tmp_path, reference_run, stage, options):
+    """A trained `A` (`train_lora_A`) is projected after every step through the optimizer's float32 copy too."""
+    if options:
+        single_dir = tmp_path / "single"
+        reference = matrix(run(single_dir, *options, processes=1))
+    else:
+        single_dir, reference = reference_run
+    result = run(tmp_path / "run", "--deepspeed-stage", str(stage), *options)
     assert_close(matrix(result), reference, 1 / 16)
     found = residuals(result)
     assert len(found) == 6 and max(found) <= RESIDUAL_TOLERANCE, found  # 3 tasks x 2 ranks
