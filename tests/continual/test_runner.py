@@ -95,3 +95,14 @@ def test_output_dir_with_another_run_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(ValueError, match="different configuration .*training"):
         ContinualRunner(model, tasks, training_args(tmp_path, learning_rate=1e-3), tmp_path / "run")
     ContinualRunner(model, tasks, training_args(tmp_path, learning_rate=1e-3), tmp_path / "run", overwrite=True)
+
+
+def test_a_model_partitioned_before_the_run_is_refused(tmp_path):
+    """A ZeRO-3 `zero.Init` load leaves every weight empty until DeepSpeed's first `train()` installs its gathering
+    hooks, after the runner's first evaluation: refused up front with what to do (the marker DeepSpeed sets is faked)."""
+    model, tiny = toy_model()
+    tasks, _ = toy_tasks(tiny, count=1, train_size=8)
+    next(model.parameters()).ds_id = 0
+    with pytest.raises(ValueError, match="already partitioned by DeepSpeed ZeRO-3.*zero3_init_flag: false"):
+        ContinualRunner(model, tasks, training_args(tmp_path), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
