@@ -79,9 +79,9 @@ class KeepLoRACallback(TrainerCallback):
             project_lora_A_(model)
 
     def on_save(self, args, state, control, model=None, **kwargs: Any) -> None:
-        """Under ZeRO-3 the Trainer's checkpoint holds `A`, `B` and the KeepLoRA state only if DeepSpeed gathers a 16-bit
-        model at save: write the whole adapter there in any case (every rank gathers, the main one writes), so a
-        resumed task finds the task it was in."""
+        """Under ZeRO-3 the Trainer's checkpoint holds `A`, `B` and the KeepLoRA state only if DeepSpeed gathers a
+        16-bit model at save: write the whole adapter there in any case (every rank gathers, the main one writes), so
+        a resumed task finds the task it was in."""
         if any(is_partitioned(p) for p in model.parameters()):
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             save_adapter_into(model, checkpoint, is_main_process=state.is_world_process_zero)

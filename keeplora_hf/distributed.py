@@ -53,8 +53,8 @@ def sharded_scores(
     rank, world = rank_and_world()
     size = len(dataset) if max_rows is None else min(len(dataset), max_rows)
     indices = range(rank, size, world)
-    # a model sharded by FSDP2 gathers its weights inside every forward, so every rank must run as many batches: a
-    # rank whose rows ran out scores its last batch again and discards the result
+    # a model sharded by FSDP2 or ZeRO-3 gathers its weights inside every forward, so every rank must run as many
+    # batches: a rank whose rows ran out scores its last batch again and discards the result
     batches = math.ceil(math.ceil(size / world) / batch_size) if is_fully_sharded(model) else None
     total = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
     was_training = model.training
