@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--kill-task", type=int)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--micro-batches", type=int, default=1, help="one process: split each batch as N ranks would")
+    parser.add_argument("--train-lora-A", action="store_true", help="train A too, re-projected after every step")
     options = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -86,7 +87,7 @@ def main() -> None:
     rank = dist.get_rank() if world > 1 else 0
 
     dtype = getattr(torch, options.dtype)
-    model, tiny = toy_model(dtype)
+    model, tiny = toy_model(dtype, train_lora_A=options.train_lora_A)
     tasks, _ = toy_tasks(tiny, count=2, train_size=32)
     done = sorted(options.out.glob("task_*/row.json"))
     if done:  # resume: the adapter of the last finished task, loaded into a fresh base before sharding
@@ -107,6 +108,7 @@ def main() -> None:
         data = [part for parts in steps for part in parts]
         keeplora_hf.begin_task(model, data)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        keeplora_hf.attach_residual_projection(optimizer, model)  # a no-op unless A trains
         for step in range(STEPS):
             if index == options.kill_task and rank == options.kill_rank and step == STEPS // 2:
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -40,15 +40,16 @@ def finished(result: subprocess.CompletedProcess) -> tuple[list, list[float]]:
 _SINGLE: dict[str, tuple[Path, list]] = {}
 
 
-def single(dtype: str, tmp_path_factory) -> tuple[Path, list]:
+def single(dtype: str, tmp_path_factory, *options: str) -> tuple[Path, list]:
     """One unsharded process over a float32 or a bfloat16 base (finished tasks merged, or kept as a branch), each
     global batch accumulated in the two halves the two ranks take, so the forward passes are the same computations.
-    Run once per dtype for the module."""
-    if dtype not in _SINGLE:
+    Run once per dtype and options for the module."""
+    key = " ".join((dtype, *options))
+    if key not in _SINGLE:
         out = tmp_path_factory.mktemp(f"single_{dtype}")
-        matrix, _ = finished(run(out, 1, "--dtype", dtype, "--micro-batches", "2"))
-        _SINGLE[dtype] = out, matrix
-    return _SINGLE[dtype]
+        matrix, _ = finished(run(out, 1, "--dtype", dtype, "--micro-batches", "2", *options))
+        _SINGLE[key] = out, matrix
+    return _SINGLE[key]
 
 
 def assert_same(matrix, reference) -> None:
@@ -57,10 +58,12 @@ def assert_same(matrix, reference) -> None:
         assert all(abs(a - b) <= ACCURACY_TOLERANCE for a, b in zip(row, expected)), (matrix, reference)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_two_sharded_processes_learn_what_one_learns(tmp_path, tmp_path_factory, dtype):
-    single_dir, reference = single(dtype, tmp_path_factory)
-    result = run(tmp_path, 2, "--dtype", dtype)
+@pytest.mark.parametrize(("dtype", "options"), [("float32", ()), ("bfloat16", ()), ("float32", ("--train-lora-A",))],
+                         ids=["float32", "bfloat16", "float32_trained_A"])
+def test_two_sharded_processes_learn_what_one_learns(tmp_path, tmp_path_factory, dtype, options):
+    """A trained `A` is re-projected on each rank's own rows after every step."""
+    single_dir, reference = single(dtype, tmp_path_factory, *options)
+    result = run(tmp_path, 2, "--dtype", dtype, *options)
     matrix, residuals = finished(result)
     assert_same(matrix, reference)
     assert len(residuals) == 4 and max(residuals) <= RESIDUAL_TOLERANCE, residuals  # 2 tasks x 2 ranks
