@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .lifecycle import begin_task, end_task, project_lora_A_
-from .sharding import is_partitioned
+from .sharding import has_partitioned_parameters
 from .statistics import LossFn, default_loss
 from .tuner.model import tuner_of
 
@@ -82,7 +82,7 @@ class KeepLoRACallback(TrainerCallback):
         """Under ZeRO-3 the Trainer's checkpoint holds `A`, `B` and the KeepLoRA state only if DeepSpeed gathers a
         16-bit model at save: write the whole adapter there in any case (every rank gathers, the main one writes), so
         a resumed task finds the task it was in."""
-        if any(is_partitioned(p) for p in model.parameters()):
+        if has_partitioned_parameters(model):
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             save_adapter_into(model, checkpoint, is_main_process=state.is_world_process_zero)
 
@@ -94,12 +94,18 @@ class KeepLoRACallback(TrainerCallback):
         end_task(model, self._statistics, max_batches=len(self._statistics), loss_fn=self.loss_fn)
 
 
+def join_adapter_save(model: torch.nn.Module) -> None:
+    """A rank other than the main one takes its part in `save_pretrained`'s gathers of a sharded adapter (collectives)
+    and writes nothing (PEFT still creates the directory it is given: a temporary one)."""
+    with tempfile.TemporaryDirectory() as unused:
+        model.save_pretrained(unused, is_main_process=False)
+
+
 def save_adapter_into(model: torch.nn.Module, directory: Path, *, is_main_process: bool) -> None:
     """Write the whole adapter into an existing `directory`, each file replaced only once complete. Every rank calls it
     (a sharded adapter is gathered); only the main process writes."""
     if not is_main_process:
-        with tempfile.TemporaryDirectory() as unused:
-            model.save_pretrained(unused, is_main_process=False)
+        join_adapter_save(model)
         return
     with tempfile.TemporaryDirectory(dir=directory.parent) as staging:
         model.save_pretrained(staging)

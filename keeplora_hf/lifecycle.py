@@ -323,15 +323,17 @@ def project_lora_A_(model: nn.Module) -> None:
     with torch.no_grad():
         for module in layers:
             weight = module.lora_A[adapter].weight
-            if weight.requires_grad:
-                subspace = layer_state(module, adapter).subspace()  # cached: the basis (or complement) in float32
-                lora_A = local_value(weight)  # its rows: sharded by FSDP2, each rank its own
-                if is_partitioned(weight):  # ZeRO-3: gathered, projected, written back with its float32 master
-                    assign_(weight, subspace.project_out(full_value(weight).float()))
-                elif lora_A.dtype == torch.float32:
-                    subspace.project_out_(lora_A)
-                else:  # half-precision weights: project in float32, round once
-                    lora_A.copy_(subspace.project_out(lora_A.float()).to(lora_A.dtype))
+            if not weight.requires_grad:
+                continue
+            subspace = layer_state(module, adapter).subspace()  # cached: the basis (or complement) in float32
+            if is_partitioned(weight):  # ZeRO-3: gathered, projected, written back with its float32 master
+                assign_(weight, subspace.project_out(full_value(weight).float()))
+                continue
+            lora_A = local_value(weight)  # its rows: sharded by FSDP2, each rank its own
+            if lora_A.dtype == torch.float32:
+                subspace.project_out_(lora_A)
+            else:  # half-precision weights: project in float32, round once
+                lora_A.copy_(subspace.project_out(lora_A.float()).to(lora_A.dtype))
 
 
 def _projected_layers(model: nn.Module) -> tuple[str, list[LoraLayer]]:

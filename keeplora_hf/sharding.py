@@ -80,11 +80,12 @@ def update_(parameter: torch.Tensor, value: torch.Tensor, write: Write) -> None:
             return
         import deepspeed
 
+        trained = parameter.requires_grad and hasattr(parameter, "_z3_optimizer")
         with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
             write(parameter.data, value.to(parameter.device))
-            written = parameter.data.clone()
-        if parameter.requires_grad and hasattr(parameter, "_z3_optimizer"):
-            deepspeed.utils.safe_set_full_fp32_param(parameter, written.float())
+            written = parameter.data.to(torch.float32, copy=True) if trained else None  # released on exit
+        if written is not None:
+            deepspeed.utils.safe_set_full_fp32_param(parameter, written)
 
 
 def assign_(parameter: torch.Tensor, value: torch.Tensor) -> None:
@@ -101,9 +102,12 @@ def zero_(parameter: torch.Tensor) -> None:
             parameter.zero_()
 
 
+def has_partitioned_parameters(model: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 has partitioned any of `model`'s parameters."""
+    return any(is_partitioned(p) for p in model.parameters())
+
+
 def is_fully_sharded(model: nn.Module) -> bool:
     """Whether FSDP2 or ZeRO-3 manages any part of `model`: its forwards gather parameters, so they are collectives
     that every rank must run alike."""
-    return any(isinstance(module, FSDPModule) for module in model.modules()) or any(
-        is_partitioned(p) for p in model.parameters()
-    )
+    return any(isinstance(module, FSDPModule) for module in model.modules()) or has_partitioned_parameters(model)

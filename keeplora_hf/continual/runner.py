@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,8 +21,8 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..callback import KeepLoRACallback
-from ..sharding import is_fully_sharded, is_partitioned
+from ..callback import KeepLoRACallback, join_adapter_save
+from ..sharding import has_partitioned_parameters, is_fully_sharded
 from ..trainer import KeepLoRATrainer
 from ..tuner.model import KeepLoRAModel
 from .checkpoint import (
@@ -104,7 +103,7 @@ class ContinualRunner:
         self.state = PartialState()
         if not isinstance(model, PeftModel):
             raise TypeError(f"ContinualRunner needs a PeftModel (get_peft_model(base, config)), got {type(model).__name__}")
-        if any(is_partitioned(p) for p in model.parameters()):
+        if has_partitioned_parameters(model):
             raise ValueError(
                 "the model's weights are already partitioned by DeepSpeed ZeRO-3 (zero.Init at load): the runner "
                 "evaluates the pre-trained model before the first train(), when DeepSpeed has no hooks yet to gather "
@@ -176,7 +175,6 @@ class ContinualRunner:
                 # DeepSpeed restores the optimizer and the trained weights, not the KeepLoRA state of the task under
                 # way (nor a frozen `A`): they come from the checkpoint's adapter, loaded before DeepSpeed partitions
                 self.model.load_adapter(str(checkpoint), self.adapter, is_trainable=True)
-                self.model.base_model.freeze_lora_A(self.adapter)
         start = time.perf_counter()
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -199,8 +197,7 @@ class ContinualRunner:
             with atomic_directory(self.layout.task_dir(index)) as staging:
                 self.model.save_pretrained(str(staging / ADAPTER_DIR))
         elif is_fully_sharded(self.model):  # the gathers of a sharded adapter need every rank; only the main one writes
-            with tempfile.TemporaryDirectory() as unused:
-                self.model.save_pretrained(unused, is_main_process=False)
+            join_adapter_save(self.model)
         self.state.wait_for_everyone()
         if self.state.is_main_process:
             for stale in trainer_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
@@ -280,8 +277,6 @@ class ContinualRunner:
                 raise ValueError("resuming needs a fresh model: this one has already learned tasks")
             logger.info("resuming after %s", self.layout.slug(last_adapter))
             self.model.load_adapter(str(self.layout.adapter_dir(last_adapter)), self.adapter, is_trainable=True)
-            if self.keeplora:
-                self.model.base_model.freeze_lora_A(self.adapter)
             self.learned = last_adapter
         done = self.learned
         orphans = [i for i in rows if i > done]

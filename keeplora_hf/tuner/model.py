@@ -55,8 +55,8 @@ class KeepLoRAModel(LoraModel):
             self.freeze_lora_A(adapter_name)
 
     def freeze_lora_A(self, adapter_name: str) -> None:
-        """`A` trains only with `train_lora_A`; loading an adapter with `is_trainable=True` marks it trainable again, and
-        an optimizer built then (DeepSpeed's, at `train()`) would hold a stale copy of it."""
+        """`A` trains only with `train_lora_A`, whatever marked every adapter weight trainable (PEFT's own marking, a
+        user's `set_requires_grad`)."""
         train = self.peft_config[adapter_name].train_lora_A
         for module in self.model.modules():
             if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
