@@ -147,10 +147,12 @@ def test_callback_with_trl_sft_trainer(tmp_path):
     check_two_tasks(model, train_task, dict(batch))
 
 
-def test_a_resumed_train_whose_task_state_was_not_loaded_is_refused(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_resumed_train_whose_task_state_was_not_loaded_is_refused(tmp_path, device, dtype):
     """DeepSpeed restores its own checkpoint only: a resumed `train()` on a model outside a task must not begin the task
     again (B = 0 inside a half-trained optimizer) but say what to load."""
     tiny = build_tiny("llava")
+    tiny.model.to(device=device, dtype=dtype)
     model = get_peft_model(tiny.model, KeepLoRAConfig(r=4, lora_alpha=8, target_modules=tiny.language_targets))
     tasks, _ = toy_tasks(tiny, count=1, train_size=8)
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)

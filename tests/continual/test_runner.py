@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
@@ -97,10 +98,12 @@ def test_output_dir_with_another_run_is_refused_unless_overwrite(tmp_path):
     ContinualRunner(model, tasks, training_args(tmp_path, learning_rate=1e-3), tmp_path / "run", overwrite=True)
 
 
-def test_a_model_partitioned_before_the_run_is_refused(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_model_partitioned_before_the_run_is_refused(tmp_path, device, dtype):
     """A ZeRO-3 `zero.Init` load leaves every weight empty until DeepSpeed's first `train()` installs its gathering
     hooks, after the runner's first evaluation: refused up front with what to do (the marker DeepSpeed sets is faked)."""
-    model, tiny = toy_model()
+    model, tiny = toy_model(dtype)
+    model.to(device)
     tasks, _ = toy_tasks(tiny, count=1, train_size=8)
     next(model.parameters()).ds_id = 0
     with pytest.raises(ValueError, match="already partitioned by DeepSpeed ZeRO-3.*zero3_init_flag: false"):
