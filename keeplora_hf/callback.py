@@ -26,7 +26,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .lifecycle import begin_task, end_task, project_lora_A_
 from .sharding import has_partitioned_parameters
 from .statistics import LossFn, default_loss
-from .tuner.model import tuner_of
+from .tuner.model import drop_prefetched_state, keeplora_layers, prefetch_continual_state, tuner_of
+from .tuner.state_sharding import release_unowned_, state_owners
 
 
 class KeepLoRACallback(TrainerCallback):
@@ -65,6 +66,8 @@ class KeepLoRACallback(TrainerCallback):
                 "checkpoint), as ContinualRunner does."
             )
         tuner.freeze_lora_A(adapter)
+        layers = keeplora_layers(tuner.model, adapter)  # a state loaded whole into a sharded run keeps its own share
+        release_unowned_(layers, adapter, state_owners(model, layers))
         if train_dataloader is None:
             raise ValueError("KeepLoRACallback needs the Trainer's training dataloader (transformers >= 4.40)")
         self._statistics = statistics_dataloader(train_dataloader, config.gradient_data_ratio, args)
@@ -78,10 +81,24 @@ class KeepLoRACallback(TrainerCallback):
         if tuner.peft_config[tuner.keeplora_adapter()].train_lora_A:
             project_lora_A_(model)
 
+    def on_step_end(self, args, state, control, model=None, **kwargs: Any) -> None:
+        self._prepare_save(control, model)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs: Any) -> None:
+        self._prepare_save(control, model)
+
+    @staticmethod
+    def _prepare_save(control, model) -> None:
+        """The Trainer saves a checkpoint after this event on the main process alone: a state sharded by layer is
+        fetched onto it now, while every rank is here."""
+        if control.should_save:
+            prefetch_continual_state(model)
+
     def on_save(self, args, state, control, model=None, **kwargs: Any) -> None:
         """Under ZeRO-3 the Trainer's checkpoint holds `A`, `B` and the KeepLoRA state only if DeepSpeed gathers a
         16-bit model at save: write the whole adapter there in any case (every rank gathers, the main one writes), so
         a resumed task finds the task it was in."""
+        drop_prefetched_state(model)
         if has_partitioned_parameters(model):
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             save_adapter_into(model, checkpoint, is_main_process=state.is_world_process_zero)

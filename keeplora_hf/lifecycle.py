@@ -13,10 +13,11 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .feature_memory import feature_covariances
-from .sharding import assign_, full_value, is_partitioned, local_value, zero_
+from .sharding import assign_, full_value, is_partitioned, is_sharded, local_value, zero_
 from .statistics import (
     LossFn,
     all_reduce_sum_,
+    check_finite,
     default_loss,
     layer_seed,
     output_gradient_pass,
@@ -24,10 +25,20 @@ from .statistics import (
     weight_gradient_pass,
 )
 from .subspace import GradientSketch, Subspace, memory_directions, principal_basis, residual_directions
+from .subspace.basis import EXACT_DTYPES, WORK_DTYPE
 from .tuner.config import KeepLoRAConfig, state_torch_dtype
 from .tuner.layer import layer_state, set_layer_state
 from .tuner.model import LAYER_CACHE_ATTR, TaskProgress, keeplora_context, keeplora_layers, tuner_of
 from .tuner.state import FinishedTask, KeepLoRALayerState, merged_delta
+from .tuner.state_sharding import (
+    Owners,
+    adopt_owners_layouts_,
+    complete_from_owners,
+    from_owner,
+    owns,
+    release_unowned_,
+    state_owners,
+)
 from .tuner.weights import base_weight, is_quantized, merges_exactly, weight_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -37,12 +48,23 @@ def protected_basis(model: nn.Module, module_name: str) -> torch.Tensor:
     """The orthonormal `(d_in, k)` basis the current task's updates of `module_name` must avoid.
 
     It is the principal subspace of the pre-trained weight joined with the feature memory of finished tasks, exactly
-    as the projections see it (a basis stored in 16 bits comes back re-orthonormalised, in float32).
+    as the projections see it (a basis stored in 16 bits comes back re-orthonormalised, in float32). When the state is
+    sharded by layer (a fully sharded base, see `tuner/state_sharding.py`) it comes from the layer's owner: every rank
+    must then call this, in the same order.
     """
     _, adapter, _, layers = keeplora_context(model)
     if module_name not in layers:
         raise KeyError(f"{module_name!r} is not a KeepLoRA target; targets are named like {next(iter(layers), '')!r}")
-    return layer_state(layers[module_name], adapter).protected()
+    module = layers[module_name]
+    state = layer_state(module, adapter)
+    owners = state_owners(model, layers)
+    if owners is None:
+        return state.protected()
+    stored = next(state.layout()[name] for name in ("_principal", "complement") if state.layout()[name] is not None)
+    dtype = stored[1] if stored[1] in EXACT_DTYPES else WORK_DTYPE
+    shape = (state.d_in, state.protected_rank)
+    basis = state.protected() if owns(owners, module_name) else None
+    return from_owner(basis, shape, dtype, module.get_base_layer().weight.device, owners[module_name])
 
 
 def learned_update(model: nn.Module, module_name: str) -> torch.Tensor:
@@ -74,22 +96,19 @@ def begin_task(
     if progress.in_task:
         raise RuntimeError(f"begin_task: task {progress.task_index} is already under way; call end_task first")
     network = getattr(model, "module", model)
+    owners = state_owners(network, layers)
+    release_unowned_(layers, adapter, owners)
 
     for module in layers.values():
         zero_(module.lora_A[adapter].weight)
         zero_(module.lora_B[adapter].weight)
     # the first task computes each layer's principal basis; it is installed only once the data pass has succeeded
-    states: dict[str, KeepLoRALayerState] = {}
-    fresh: set[str] = set()
-    for name, module in layers.items():
-        state = layer_state(module, adapter)
-        if not state.initialised:
-            state = first_task_state(module, config)
-            fresh.add(name)
-        state.bind(module, config.principal_solver)
-        states[name] = state
+    fresh = _first_task_states(layers, adapter, config, owners)
+    states = {name: fresh.get(name) or layer_state(module, adapter) for name, module in layers.items()}
+    for name, state in states.items():
+        state.bind(layers[name], config.principal_solver)
     directions = _gradient_directions(
-        network, layers, adapter, states, dataloader, config, progress.task_index, max_batches, loss_fn
+        network, layers, adapter, states, dataloader, config, progress.task_index, max_batches, loss_fn, owners
     )
 
     cramped: dict[str, int] = {}
@@ -101,7 +120,14 @@ def begin_task(
             cramped[name] = room
         if name in fresh:
             set_layer_state(module, adapter, state)
-        rows = _initial_rows(config.lora_A_init, directions.pop(name, None), module, state.subspace(), rank)
+        # every rank joins the weight's gather that the owner's minor_singular rows need
+        weight = base_weight(module) if config.lora_A_init == "minor_singular" else None
+        rows = None
+        if owns(owners, name):
+            rows = _initial_rows(config.lora_A_init, directions.pop(name, None), module, weight, state.subspace(), rank)
+        if owners is not None:
+            base = module.get_base_layer()
+            rows = from_owner(rows, (rank, base.in_features), torch.float64, base.weight.device, owners[name])
         lora_A = module.lora_A[adapter].weight
         assign_(lora_A, rows)
         lora_A.requires_grad_(config.train_lora_A)
@@ -116,6 +142,24 @@ def begin_task(
         )
     progress.in_task = True
     logger.info("KeepLoRA: began task %d on %d target layers", progress.task_index, len(layers))
+
+
+def _first_task_states(
+    layers: dict[str, LoraLayer], adapter: str, config: KeepLoRAConfig, owners: Owners | None
+) -> dict[str, KeepLoRALayerState]:
+    """The first-task state of each layer that has none: computed by its owner (every rank joins the gather of a
+    sharded weight), a stand-in of the owner's shapes elsewhere."""
+    fresh: dict[str, KeepLoRALayerState | None] = {}
+    for name, module in layers.items():
+        if layer_state(module, adapter).initialised:
+            continue
+        if owns(owners, name):
+            fresh[name] = first_task_state(module, config)
+        else:
+            if is_sharded(module.get_base_layer().weight):
+                full_value(module.get_base_layer().weight)  # the owner's gather is a collective
+            fresh[name] = None
+    return complete_from_owners(fresh, owners)
 
 
 def first_task_state(module: LoraLayer, config: KeepLoRAConfig, energy: float | None = None) -> KeepLoRALayerState:
@@ -142,8 +186,10 @@ def _gradient_directions(
     task_index: int,
     max_batches: int | None,
     loss_fn: LossFn,
+    owners: Owners | None,
 ) -> dict[str, torch.Tensor]:
-    """Rows of `A` for every target from the task's mean loss gradient (summed across ranks), inside its residual."""
+    """Rows of `A` for every target this rank owns from the task's mean loss gradient (summed across ranks), inside
+    its residual."""
     if config.lora_A_init != "residual_gradient":
         return {}
     batches = task_batches(dataloader, config.gradient_data_ratio, max_batches)
@@ -186,35 +232,34 @@ def _gradient_directions(
     directions = {}
     for name, module in layers.items():  # in module order: every rank must reduce the same tensors in the same order
         rank = module.r[adapter]
-        subspace = states[name].subspace()
         if config.gradient_estimator == "exact":
             gradient = all_reduce_sum_(gradients.pop(name))  # the mean's scale does not move singular vectors
-            _check_finite(gradient, name, "gradient")
-            directions[name] = residual_directions(gradient, subspace, rank)
+            check_finite(gradient, name, "gradient")
+            if owns(owners, name):
+                directions[name] = residual_directions(gradient, states[name].subspace(), rank)
         else:
             sketch = sketches.pop(name)
             all_reduce_sum_(sketch.sketch)
-            _check_finite(sketch.sketch, name, "gradient sketch")
-            directions[name] = sketch.residual_directions(subspace, rank)
+            check_finite(sketch.sketch, name, "gradient sketch")
+            if owns(owners, name):
+                directions[name] = sketch.residual_directions(states[name].subspace(), rank)
     return directions
 
 
-def _check_finite(statistic: torch.Tensor, name: str, what: str) -> None:
-    if not torch.isfinite(statistic).all():
-        raise ValueError(
-            f"the {what} of {name} holds NaN/inf: the task's inputs or activations are not finite there (check the "
-            "data and the model's dtype range). Nothing was changed."
-        )
-
-
 def _initial_rows(
-    init: str, directions: torch.Tensor | None, module: LoraLayer, protected: Subspace, rank: int
+    init: str,
+    directions: torch.Tensor | None,
+    module: LoraLayer,
+    weight: torch.Tensor | None,
+    protected: Subspace,
+    rank: int,
 ) -> torch.Tensor:
-    """The rows of `A` for a new task, always inside the residual subspace of `protected`."""
+    """The rows of `A` for a new task, always inside the residual subspace of `protected` (`weight`: the base weight,
+    for `minor_singular`)."""
     if init == "residual_gradient":
         return directions
     if init == "minor_singular":
-        _, _, vh = torch.linalg.svd(base_weight(module).double(), full_matrices=False)
+        _, _, vh = torch.linalg.svd(weight.double(), full_matrices=False)
         rows = vh[-rank:]
     else:  # "random": LoRA's own initialisation of A
         base = module.get_base_layer()
@@ -236,15 +281,17 @@ def end_task(
     if not progress.in_task:
         raise RuntimeError("end_task called before begin_task: there is no task under way to finish")
     merge = {name: _merges(config, module, name) for name, module in layers.items()}  # refused before any change
+    owners = state_owners(model, layers)
+    release_unowned_(layers, adapter, owners)
     if config.train_lora_A:
-        _check_lora_A_in_residual(layers, adapter)
+        _check_lora_A_in_residual(layers, adapter, owners)
 
     new_directions: dict[str, torch.Tensor] = {}
     if config.feature_energy > 0:  # with no memory to keep (plain sequential LoRA), skip the data pass
         covariances = feature_covariances(model, dataloader, max_batches=max_batches, loss_fn=loss_fn)
-        for name, covariance in covariances.items():
-            _check_finite(covariance, name, "feature covariance")
         for index, (name, module) in enumerate(layers.items()):
+            if not owns(owners, name):
+                continue
             new_directions[name] = memory_directions(
                 covariances[name],
                 layer_state(module, adapter).subspace(),
@@ -259,22 +306,32 @@ def end_task(
             config.keep_principal_basis,
             merge=merge[name],
         )
+    adopt_owners_layouts_(layers, adapter, owners)
     tuner.keeplora_progress[adapter] = TaskProgress(progress.task_index + 1, in_task=False)
     logger.info("KeepLoRA: finished task %d", progress.task_index)
 
 
-def _check_lora_A_in_residual(layers: dict[str, LoraLayer], adapter: str) -> None:
-    """A trained `A` must have been re-projected after every step; refuse to keep a task whose `A` left the residual."""
+def _check_lora_A_in_residual(layers: dict[str, LoraLayer], adapter: str, owners: Owners | None) -> None:
+    """A trained `A` must have been re-projected after every step; refuse to keep a task whose `A` left the residual.
+    Each layer is checked by its owner and the worst share is shared, so every rank refuses alike."""
+    worst = (0.0, "")  # (|A P| / |A|, layer) of the worst layer this rank checked
     for name, module in layers.items():
-        lora_A = full_value(module.lora_A[adapter].weight).float()
-        inside = layer_state(module, adapter).subspace().project_onto(lora_A).norm()
-        if inside > 1e-4 * lora_A.norm():
-            raise RuntimeError(
-                f"lora_A of {name} left its residual subspace (|A P| / |A| = {float(inside / lora_A.norm()):.2g}): with "
-                "train_lora_A=True every optimizer step must re-project it. Call "
-                "keeplora_hf.attach_residual_projection(optimizer, model) once in a custom loop (KeepLoRATrainer and "
-                "KeepLoRACallback do it). The task is still under way and nothing was changed."
-            )
+        lora_A = full_value(module.lora_A[adapter].weight).float()  # a gather when sharded: every rank joins
+        if owns(owners, name) and lora_A.norm() > 0:
+            share = float(layer_state(module, adapter).subspace().project_onto(lora_A).norm() / lora_A.norm())
+            worst = max(worst, (share, name))
+    if owners is not None:
+        everyone: list[tuple[float, str] | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, worst)
+        worst = max(everyone)
+    share, name = worst
+    if share > 1e-4:
+        raise RuntimeError(
+            f"lora_A of {name} left its residual subspace (|A P| / |A| = {share:.2g}): with "
+            "train_lora_A=True every optimizer step must re-project it. Call "
+            "keeplora_hf.attach_residual_projection(optimizer, model) once in a custom loop (KeepLoRATrainer and "
+            "KeepLoRACallback do it). The task is still under way and nothing was changed."
+        )
 
 
 def _merges(config: KeepLoRAConfig, module: LoraLayer, name: str) -> bool:
@@ -320,10 +377,16 @@ def project_lora_A_(model: nn.Module) -> None:
     projecting only the gradient would not.
     """
     adapter, layers = _projected_layers(model)
+    owners = state_owners(model, layers)
     with torch.no_grad():
-        for module in layers:
+        for name, module in layers.items():
             weight = module.lora_A[adapter].weight
             if not weight.requires_grad:
+                continue
+            if owners is not None:  # the state is sharded by layer: the owner projects the whole A, each rank writes
+                value = full_value(weight).float()
+                projected = layer_state(module, adapter).subspace().project_out(value) if owns(owners, name) else None
+                assign_(weight, from_owner(projected, tuple(value.shape), torch.float32, value.device, owners[name]))
                 continue
             subspace = layer_state(module, adapter).subspace()  # cached: the basis (or complement) in float32
             if is_partitioned(weight):  # ZeRO-3: gathered, projected, written back with its float32 master
@@ -336,14 +399,14 @@ def project_lora_A_(model: nn.Module) -> None:
                 lora_A.copy_(subspace.project_out(lora_A.float()).to(lora_A.dtype))
 
 
-def _projected_layers(model: nn.Module) -> tuple[str, list[LoraLayer]]:
+def _projected_layers(model: nn.Module) -> tuple[str, dict[str, LoraLayer]]:
     """The active adapter and its target layers, cached on the tuner: `project_lora_A_` runs after every step."""
     tuner = tuner_of(model)
     adapter = tuner.keeplora_adapter()
     cache = tuner.__dict__.setdefault(LAYER_CACHE_ATTR, {})
     layers = cache.get(adapter)
-    if layers is None or not all(adapter in m.lora_A for m in layers):
-        layers = cache[adapter] = list(keeplora_layers(tuner.model, adapter).values())
+    if layers is None or not all(adapter in m.lora_A for m in layers.values()):
+        layers = cache[adapter] = keeplora_layers(tuner.model, adapter)
     return adapter, layers
 
 

@@ -13,8 +13,10 @@ from .depth import layer_scales
 from .layer import has_layer_state, layer_state
 from .peft_type import KEEPLORA_PEFT_TYPE
 from .state_io import STATE_KEY, TaskProgress, install_state, state_tensors
+from .state_sharding import state_owners
 
 LAYER_CACHE_ATTR = "_keeplora_layer_cache"  # adapter -> its target layers, for the per-step projection of A
+_PREFETCHED_ATTR = "_keeplora_prefetched_state"  # adapter -> its state tensors, fetched for a main-process-only save
 _FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
@@ -140,8 +142,35 @@ def keeplora_layers(model: nn.Module, adapter_name: str) -> dict[str, LoraLayer]
 
 
 def continual_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Flat tensors of the adapter's whole continual state, for safetensors (see `state_io.state_tensors`)."""
-    return state_tensors(keeplora_layers(model, adapter_name), adapter_name, tuner_of(model).progress(adapter_name))
+    """Flat tensors of the adapter's whole continual state, for safetensors (see `state_io.state_tensors`).
+
+    When the state is sharded by layer, this fetches the bases from their owners: every rank must call it (PEFT's
+    `save_pretrained(..., is_main_process=...)` on every rank), unless `prefetch_continual_state` has already done so
+    for a save that only the main process runs (the Trainer's checkpoints).
+    """
+    tuner = tuner_of(model)
+    prefetched = tuner.__dict__.get(_PREFETCHED_ATTR, {}).get(adapter_name)
+    if prefetched is not None:
+        return prefetched
+    layers = keeplora_layers(model, adapter_name)
+    return state_tensors(layers, adapter_name, tuner.progress(adapter_name), state_owners(model, layers))
+
+
+def prefetch_continual_state(model: nn.Module) -> None:
+    """Fetch a state sharded by layer onto the writer now, on every rank, for a save that only the main process will
+    run (the Trainer saves checkpoints so); that save then writes it without communicating. Nothing to do when the
+    state is not sharded. `drop_prefetched_state` frees it after the save."""
+    tuner = tuner_of(model)
+    adapter = tuner.keeplora_adapter()
+    layers = keeplora_layers(model, adapter)
+    owners = state_owners(model, layers)
+    if owners is not None:
+        tensors = state_tensors(layers, adapter, tuner.progress(adapter), owners)
+        tuner.__dict__.setdefault(_PREFETCHED_ATTR, {})[adapter] = tensors
+
+
+def drop_prefetched_state(model: nn.Module) -> None:
+    tuner_of(model).__dict__.pop(_PREFETCHED_ATTR, None)
 
 
 def load_continual_state(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:

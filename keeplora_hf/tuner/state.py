@@ -24,6 +24,10 @@ from .weights import apply_delta_, base_weight, is_quantized
 
 #: dtype of finished tasks' A and B, and of the frozen branch that applies them
 TASK_DTYPE = torch.float32
+#: the buffers that describe the protected subspace: the ones a state sharded by layer keeps on one rank only
+BASIS_BUFFERS = ("_principal", "_memory", "complement", "principal_energies")
+#: a basis buffer's shape and dtype (None: the state does not store it), the same on every rank
+Layout = dict[str, "tuple[tuple[int, ...], torch.dtype] | None"]
 
 
 @dataclass
@@ -61,6 +65,10 @@ class KeepLoRALayerState(nn.Module):
       `p` energies of the principal directions, the original weight's top `p` squared singular values
       (`(d_in - k) * d_in + p` values). The principal basis is a pure function of the original weight (the base
       weight minus the merged tasks), so `principal` recomputes it when asked for.
+
+    In a run whose base is fully sharded (FSDP2, ZeRO-3) the bases are sharded by layer (`tuner/state_sharding.py`):
+    on the ranks that do not own the layer, the basis buffers are `meta` tensors that keep only their shapes and dtypes
+    (`held` is False), and everything that reads the bases refuses there.
 
     Finished tasks are stacked (`finished_A`: `R x d_in`, `finished_B`: `d_out x R`, float32, `R` the sum of their
     ranks). The first `merged_tasks` of them were added into the base weight; the others act through a frozen
@@ -110,10 +118,10 @@ class KeepLoRALayerState(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ARG002 - the state has no submodules
         """Follow the model to another device, never to another dtype (`model.half()` keeps the state exact)."""
-        current = next((t.device for t in self._buffers.values() if t is not None), torch.device("cpu"))
+        current = next((t.device for t in self._buffers.values() if t is not None and not t.is_meta), torch.device("cpu"))
         device = fn(torch.empty(0, device=current)).device
         for name, value in self._buffers.items():
-            if value is not None:
+            if value is not None and not value.is_meta:  # bases held by another rank stay shapes only
                 self._buffers[name] = value.to(device)
         self._subspace = self._branch = None
         return self
@@ -188,6 +196,40 @@ class KeepLoRALayerState(nn.Module):
         lora_A, lora_B, scaling = self._branch
         out = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B)
         return out if scaling is None else out * scaling
+
+    # -- held here, or by another rank ----------------------------------------------------------------------
+
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the protected bases (False on the ranks that do not own a layer whose state is
+        sharded by layer)."""
+        return not any(self._buffers[name] is not None and self._buffers[name].is_meta for name in BASIS_BUFFERS)
+
+    def layout(self) -> Layout:
+        """Shape and dtype of each basis buffer: what the other ranks need to stand in for bases they do not hold."""
+        return {
+            name: None if (value := self._buffers[name]) is None else (tuple(value.shape), value.dtype)
+            for name in BASIS_BUFFERS
+        }
+
+    def release_bases_(self, layout: Layout | None = None) -> None:
+        """Keep only the shapes and dtypes of the bases (of `layout`, by default this state's own): another rank holds
+        them."""
+        layout = self.layout() if layout is None else layout
+        for name in BASIS_BUFFERS:
+            spec = layout[name]
+            self._buffers[name] = None if spec is None else torch.empty(spec[0], dtype=spec[1], device="meta")
+        self._subspace = None
+
+    def _require_held(self) -> None:
+        if not self.initialised:
+            raise RuntimeError("the principal basis has not been computed yet: call begin_task first")
+        if not self.held:
+            raise RuntimeError(
+                "this rank does not hold the protected bases of this layer: in a fully sharded run (FSDP2, ZeRO-3) the "
+                "KeepLoRA state is sharded by layer across the ranks. keeplora_hf.protected_basis(model, name), called "
+                "on every rank, fetches them from their owner"
+            )
 
     # -- what is protected -----------------------------------------------------------------------------------
 
@@ -267,8 +309,7 @@ class KeepLoRALayerState(nn.Module):
         Bases stored in 16 bits are not orthonormal to their own precision: they are re-orthonormalised in float32
         (QR, so the principal columns stay first), which gives exactly the subspace every projection uses.
         """
-        if not self.initialised:
-            raise RuntimeError("the principal basis has not been computed yet: call begin_task first")
+        self._require_held()
         if self.complement is not None and self._principal is None:
             basis = orthogonal_complement(self.complement.to(WORK_DTYPE))
             return basis.to(self.complement.dtype) if self.complement.dtype in EXACT_DTYPES else basis
@@ -282,8 +323,7 @@ class KeepLoRALayerState(nn.Module):
 
     def subspace(self) -> Subspace:
         """The protected subspace for computing (float32), by whichever basis the state stores; cached."""
-        if not self.initialised:
-            raise RuntimeError("the principal basis has not been computed yet: call begin_task first")
+        self._require_held()
         if self._subspace is None:
             # low-precision bases are re-orthonormalised in float32 (by `protected` or Subspace), so projections are
             # exact for them
@@ -336,8 +376,7 @@ class KeepLoRALayerState(nn.Module):
         the whole protected subspace (the principal basis is then dropped, also by a state that kept it so far, and
         recomputed when asked for).
         """
-        if not self.initialised:
-            raise RuntimeError("the principal basis has not been computed yet: call begin_task first")
+        self._require_held()
         self._subspace = None
         if self.complement is not None:
             if new.shape[1]:
@@ -369,9 +408,14 @@ class KeepLoRALayerState(nn.Module):
 
     def _drop_principal(self) -> None:
         """Keep only the principal energies from here on; the basis is recomputed when asked for."""
-        if self.principal_energies is None:  # a state saved before energies were kept, or with its basis: measure them
-            self.principal_energies = ritz_energies(self.original_weight(), self._principal)
+        self.measure_principal_energies_()
         self._principal = None
+
+    def measure_principal_energies_(self, module: LoraLayer | None = None) -> None:
+        """Measure the energies of the stored principal basis on the original weight if the state lacks them (a
+        state saved with its basis keeps no energies); `module`: as for `original_weight`."""
+        if self.principal_energies is None and self._principal is not None:
+            self.principal_energies = ritz_energies(self.original_weight(module), self._principal)
 
     def cast_(self, dtype: torch.dtype) -> None:
         """Store the bases in `dtype` (in place)."""

@@ -11,8 +11,10 @@ import torch
 from peft import PeftConfig
 from peft.tuners.lora import LoraLayer
 
+from ..distributed import rank_and_world
 from .layer import layer_state, set_layer_state
 from .state import FinishedTask, KeepLoRALayerState
+from .state_sharding import Owners, from_owner, owns
 from .weights import FINGERPRINT_TOLERANCE, apply_delta_, fingerprint_gap, is_quantized
 
 STATE_KEY = "keeplora_state"
@@ -27,8 +29,15 @@ class TaskProgress:
 
 
 
-def state_tensors(layers: dict[str, LoraLayer], adapter_name: str, progress: TaskProgress) -> dict[str, torch.Tensor]:
-    """Flat tensors of the whole continual state, keyed `<layer>.keeplora_state.<field>`, with their checksum."""
+def state_tensors(
+    layers: dict[str, LoraLayer], adapter_name: str, progress: TaskProgress, owners: Owners | None = None
+) -> dict[str, torch.Tensor]:
+    """Flat tensors of the whole continual state, keyed `<layer>.keeplora_state.<field>`, with their checksum.
+
+    With `owners` (the state sharded by layer) every rank must call it: each basis comes from its owner, one tensor at
+    a time, and only global rank 0, the writer, keeps the ones it does not own (the other ranks' dicts are partial).
+    """
+    writer = rank_and_world()[0] == 0
     tensors = {
         f"{STATE_KEY}.task_index": torch.tensor([progress.task_index], dtype=torch.int64),
         f"{STATE_KEY}.in_task": torch.tensor([int(progress.in_task)], dtype=torch.int64),
@@ -36,16 +45,14 @@ def state_tensors(layers: dict[str, LoraLayer], adapter_name: str, progress: Tas
     for name, module in layers.items():
         state = layer_state(module, adapter_name)
         prefix = f"{name}.{STATE_KEY}"
-        # the layout held in memory (see KeepLoRALayerState): `principal` is the (d_in, p) basis, or, when the state
-        # keeps only the complement of its protected subspace, the (p,) energies that identify it
-        if state.stored_principal is not None:
-            tensors[f"{prefix}.principal"] = state.stored_principal.detach().cpu().contiguous()
-        elif state.complement is not None:
-            tensors[f"{prefix}.principal"] = state.principal_energies.detach().cpu().to(torch.float64).contiguous()
-        if state.complement is not None:
-            tensors[f"{prefix}.complement"] = state.complement.detach().cpu().contiguous()
-        elif state.memory is not None:
-            tensors[f"{prefix}.memory"] = state.memory.detach().cpu().contiguous()
+        for field, value in _basis_fields(state).items():
+            if owners is not None:
+                held = value if owns(owners, name) else None
+                device = module.get_base_layer().weight.device
+                value = from_owner(held, tuple(value.shape), value.dtype, device, owners[name])
+                if not (writer or owns(owners, name)):
+                    continue
+            tensors[f"{prefix}.{field}"] = value.detach().cpu().contiguous()
         tensors[f"{prefix}.merged_tasks"] = torch.tensor([state.merged_tasks], dtype=torch.int64)
         if state.fingerprint is not None:
             tensors[f"{prefix}.fingerprint"] = state.fingerprint.detach().cpu().contiguous()
@@ -55,6 +62,22 @@ def state_tensors(layers: dict[str, LoraLayer], adapter_name: str, progress: Tas
             tensors[f"{prefix}.task{t}.scaling"] = torch.tensor([task.scaling], dtype=torch.float64)
     tensors[f"{STATE_KEY}.checksum"] = state_checksum(tensors)
     return tensors
+
+
+def _basis_fields(state: KeepLoRALayerState) -> dict[str, torch.Tensor]:
+    """The saved fields of the layout held in memory (see KeepLoRALayerState); `meta` stand-ins on a rank that does not
+    own the layer. `principal` is the (d_in, p) basis, or, when the state keeps only the complement of its protected
+    subspace, the (p,) energies that identify it."""
+    fields = {}
+    if state.stored_principal is not None:
+        fields["principal"] = state.stored_principal
+    elif state.complement is not None:
+        fields["principal"] = state.principal_energies.to(torch.float64)
+    if state.complement is not None:
+        fields["complement"] = state.complement
+    elif state.memory is not None:
+        fields["memory"] = state.memory
+    return fields
 
 
 def state_checksum(tensors: dict[str, torch.Tensor]) -> torch.Tensor:

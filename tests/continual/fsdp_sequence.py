@@ -7,7 +7,8 @@ of 8. A task's adapter (with the KeepLoRA state) and its accuracy row are saved 
 ended; a rerun loads the last saved task before sharding (as a user loads an adapter) and goes on from there.
 `--kill-rank R --kill-task T` makes rank R SIGKILL itself in the middle of task T's training.
 
-Prints `MATRIX <json>` (rank 0) and `RESIDUAL <rank> <max |A P| / |A|>` on every rank at the end of every task's training, and writes
+Prints `MATRIX <json>` (rank 0), and on every rank at the end of every task's training `RESIDUAL <rank> <max |A P| / |A|>`
+and `HELD <rank> <json list of the targets whose bases it holds>`; writes
 each target's learned update to `OUT/updates.safetensors` (rank 0); sharded, rank 0 also tries `export_lora` on the
 live model and prints `EXPORT_REFUSED` with the error it must raise.
 """
@@ -31,7 +32,7 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
 import keeplora_hf  # noqa: E402
-from keeplora_hf import export_lora  # noqa: E402
+from keeplora_hf import export_lora, protected_basis  # noqa: E402
 from keeplora_hf.continual.evaluation import answer_exact_match  # noqa: E402
 from keeplora_hf.lifecycle import learned_update  # noqa: E402
 from keeplora_hf.models import build_tiny  # noqa: E402
@@ -62,14 +63,20 @@ def shard(model: torch.nn.Module) -> None:
 
 
 def residual_leak(model: torch.nn.Module) -> float:
-    """Largest `|A P| / |A|` over the targets, from the rows of `A` this rank holds."""
+    """Largest `|A P| / |A|` over the targets, from the rows of `A` this rank holds (`P` from the layer's owner: every
+    rank fetches every basis)."""
     worst = 0.0
-    for module in keeplora_layers(model, "default").values():
+    for name, module in keeplora_layers(model, "default").items():
+        protected = protected_basis(model, name).float()
         rows = local_value(module.lora_A["default"].weight.detach()).float()
         if rows.numel() and rows.norm() > 0:
-            inside = layer_state(module, "default").subspace().project_onto(rows).norm() / rows.norm()
-            worst = max(worst, float(inside))
+            worst = max(worst, float((rows @ protected).norm() / rows.norm()))
     return worst
+
+
+def held_bases(model: torch.nn.Module) -> list[str]:
+    """The targets whose protected bases this rank holds (all of them in one process; its share when sharded)."""
+    return [name for name, module in keeplora_layers(model, "default").items() if layer_state(module, "default").held]
 
 
 def main() -> None:
@@ -117,6 +124,7 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad()
         print(f"RESIDUAL {rank} {residual_leak(model):.3g}", flush=True)
+        print(f"HELD {rank} {json.dumps(held_bases(model))}", flush=True)
         keeplora_hf.end_task(model, data)
         rows.append([metric(model, t.eval_dataset) for t in tasks])
         staging = options.out / f".staging_{index}"

@@ -21,6 +21,7 @@ from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 from keeplora_hf.continual import ContinualRunner  # noqa: E402
 from keeplora_hf.sharding import full_value  # noqa: E402
+from keeplora_hf import protected_basis  # noqa: E402
 from keeplora_hf.tuner.layer import layer_state  # noqa: E402
 from keeplora_hf.tuner.model import keeplora_layers  # noqa: E402
 from toy_sequence import toy_model, toy_tasks  # noqa: E402
@@ -40,15 +41,19 @@ class KillDuringTask(TrainerCallback):
 
 
 class PrintResidual(TrainerCallback):
-    """`max |A P| / |A|` over the targets, each `A` read whole (a gather under ZeRO-3: every rank runs it)."""
+    """`max |A P| / |A|` over the targets, each `A` read whole and each `P` fetched from its layer's owner (both
+    collectives under ZeRO-3: every rank runs it); and how many targets' bases this rank holds."""
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         worst = 0.0
-        for module in keeplora_layers(model, "default").values():
+        for name, module in keeplora_layers(model, "default").items():
             rows = full_value(module.lora_A["default"].weight).float()
+            protected = protected_basis(model, name).float()
             if rows.norm() > 0:
-                worst = max(worst, float(layer_state(module, "default").subspace().project_onto(rows).norm() / rows.norm()))
+                worst = max(worst, float((rows @ protected).norm() / rows.norm()))
         print(f"RESIDUAL {args.process_index} {worst:.3g}", flush=True)
+        states = [layer_state(module, "default") for module in keeplora_layers(model, "default").values()]
+        print(f"HELD {args.process_index} {sum(s.held for s in states)} of {len(states)}", flush=True)
 
 
 def deepspeed_config(stage: int) -> dict:

@@ -68,6 +68,20 @@ def test_zero_learns_what_one_process_learns(tmp_path, reference_run, stage, opt
     found = residuals(result)
     assert len(found) == 6 and max(found) <= RESIDUAL_TOLERANCE, found  # 3 tasks x 2 ranks
     assert worst_update_gap(single_dir, tmp_path / "run") <= UPDATE_TOLERANCE
+    assert_held(result, sharded=stage == 3)
+
+
+def assert_held(result: subprocess.CompletedProcess, *, sharded: bool) -> None:
+    """Under ZeRO-3 each rank holds the bases of part of the targets (the state is sharded by layer) and the parts add
+    up to all of them; under ZeRO-2 every rank holds them all."""
+    held = [(int(a), int(b)) for a, b in re.findall(r"HELD \d+ (\d+) of (\d+)", result.stdout)]
+    assert len(held) == 6, result.stdout[-2000:]  # 3 tasks x 2 ranks
+    total = held[0][1]
+    for first, second in zip(held[::2], held[1::2]):
+        if sharded:
+            assert 0 < first[0] < total and first[0] + second[0] == total, held
+        else:
+            assert first[0] == second[0] == total, held
 
 
 def test_zero3_on_a_bfloat16_base(tmp_path):
@@ -77,6 +91,7 @@ def test_zero3_on_a_bfloat16_base(tmp_path):
     assert_close(found, reference, 2 / 16)
     assert all(found[t + 1][t] >= 0.5 for t in range(3)), found  # every task learned
     assert max(residuals(sharded)) <= RESIDUAL_TOLERANCE
+    assert_held(sharded, sharded=True)
     assert worst_update_gap(tmp_path / "single", tmp_path / "zero3", "task0") <= FIRST_TASK_TOLERANCE_BF16
 
 

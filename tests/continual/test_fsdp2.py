@@ -52,6 +52,21 @@ def single(dtype: str, tmp_path_factory, *options: str) -> tuple[Path, list]:
     return _SINGLE[key]
 
 
+def assert_state_sharded(stdout: str, single_adapter: Path, sharded_adapter: Path) -> None:
+    """Each rank held the bases of part of the targets, the two parts cover them all, and the adapter saved by the
+    sharded run holds the whole state, laid out as one process saves it."""
+    held = {}
+    for rank, names in re.findall(r"HELD (\d+) (\[[^\]]*\])", stdout):  # the ranks' lines interleave
+        held[int(rank)] = set(json.loads(names))  # the last task's
+    assert sorted(held) == [0, 1] and held[0] and held[1] and not held[0] & held[1], held
+    one, two = (load_file(path / "adapter_model.safetensors") for path in (single_adapter, sharded_adapter))
+    state = {k for k in one if "keeplora_state" in k}
+    assert {k for k in two if "keeplora_state" in k} == state
+    assert all(one[k].shape == two[k].shape and one[k].dtype == two[k].dtype for k in state)
+    bases = [k for k in state if k.endswith((".principal", ".memory", ".complement"))]
+    assert {k.split(".keeplora_state")[0] for k in bases} == held[0] | held[1]
+
+
 def assert_same(matrix, reference) -> None:
     assert len(matrix) == len(reference) == 2
     for row, expected in zip(matrix, reference):
@@ -67,6 +82,7 @@ def test_two_sharded_processes_learn_what_one_learns(tmp_path, tmp_path_factory,
     matrix, residuals = finished(result)
     assert_same(matrix, reference)
     assert len(residuals) == 4 and max(residuals) <= RESIDUAL_TOLERANCE, residuals  # 2 tasks x 2 ranks
+    assert_state_sharded(result.stdout, single_dir / "task_1" / "adapter", tmp_path / "task_1" / "adapter")
     ones, twos = load_file(single_dir / "updates.safetensors"), load_file(tmp_path / "updates.safetensors")
     assert ones.keys() == twos.keys() and ones
     assert all(ones[k].norm() > 0 for k in ones)
