@@ -3,7 +3,7 @@ input activations, the task's mean weight gradient (through a co-range sketch), 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 from .statistics import (
     LossFn,
     all_reduce_sum_,
+    check_finite,
     default_loss,
     input_feature_pass,
     layer_seed,
@@ -30,7 +31,7 @@ _MEMORY_SEED_OFFSET = 500_009
 
 def feature_covariances(
     model: nn.Module, dataloader: Iterable[Any], *, max_batches: int | None = None, loss_fn: LossFn = default_loss
-) -> dict[str, torch.Tensor]:
+) -> Mapping[str, torch.Tensor]:
     """Each target's `d_in x d_in` feature statistic on the task's data, from which `end_task` grows the memory.
 
     By `feature_source`: the second moment of the layer's inputs (`activations`); `G^T G` of the task's mean weight
@@ -65,11 +66,11 @@ def feature_covariances(
         shared = {}
     if count == 0:
         raise ValueError("end_task: the dataloader yielded no batches")
-    owners = {name: shared.get(name, name) for name in layers}
-    for name, owner in owners.items():  # in module order: every rank must reduce the same tensors in the same order
-        if owner == name:
-            all_reduce_sum_(stats[name].covariance)
-    return {name: stats[owner].covariance for name, owner in owners.items()}
+    sources = {name: shared.get(name, name) for name in layers}
+    for name, source in sources.items():  # in module order: every rank must reduce the same tensors in the same order
+        if source == name:
+            check_finite(all_reduce_sum_(stats[name].covariance), name, "feature covariance")
+    return {name: stats[source].covariance for name, source in sources.items()}
 
 
 def _mean_gradient_covariances(
@@ -80,7 +81,7 @@ def _mean_gradient_covariances(
     task_index: int,
     loss_fn: LossFn,
     dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
+) -> Mapping[str, torch.Tensor]:
     """`G^T G` of each target's mean weight gradient `G` (the reference LLaVA memory statistic), from hooks.
 
     Each target accumulates the co-range sketch `X = Psi G` (`memory_sketch_rows x d_in`, `Psi` with orthonormal rows,
@@ -103,8 +104,25 @@ def _mean_gradient_covariances(
     )
     if count == 0:
         raise ValueError("end_task: the dataloader yielded no batches")
-    covariances = {}
+    reduced = {}
     for name in layers:  # in module order: every rank must reduce the same tensors in the same order
-        sketch = all_reduce_sum_(sketches.pop(name).sketch).to(dtype)
-        covariances[name] = sketch.T @ sketch
-    return covariances
+        reduced[name] = check_finite(all_reduce_sum_(sketches.pop(name).sketch), name, "feature covariance")
+    return SketchCovariances(reduced, dtype)
+
+
+class SketchCovariances(Mapping[str, torch.Tensor]):
+    """`X^T X` of each target's summed sketch `X`, formed in `dtype` when asked for: one `d_in x d_in` matrix at a
+    time, never every target's at once (for LLaVA-1.5-7B's 224 targets that would be 28 GB in float32)."""
+
+    def __init__(self, sketches: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        self._sketches, self._dtype = sketches, dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        sketch = self._sketches[name].to(self._dtype)
+        return sketch.T @ sketch
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sketches)
+
+    def __len__(self) -> int:
+        return len(self._sketches)

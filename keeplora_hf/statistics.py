@@ -78,6 +78,16 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def check_finite(statistic: torch.Tensor, name: str, what: str) -> torch.Tensor:
+    """`statistic`, refused if it holds NaN/inf (every rank checks the same summed tensor, so all refuse alike)."""
+    if not torch.isfinite(statistic).all():
+        raise ValueError(
+            f"the {what} of {name} holds NaN/inf: the task's inputs or activations are not finite there (check the "
+            "data and the model's dtype range). Nothing was changed."
+        )
+    return statistic
+
+
 def layer_seed(task_index: int, layer_index: int) -> int:
     """Seed of a layer's random test matrices: the same on every rank, different per task and layer."""
     return 1_000_003 * (task_index + 1) + layer_index
