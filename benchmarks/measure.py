@@ -111,6 +111,11 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def resident_mib() -> float:
+    """This process's resident memory now, in MiB."""
+    return _status_kb("VmRSS") / 1024
+
+
 def peak_memory(fn: Callable[[], Any]) -> dict[str, float]:
     """Resident memory before `fn` and its high-water mark during `fn`, in MiB (see the module docstring)."""
     gc.collect()

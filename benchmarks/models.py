@@ -44,6 +44,12 @@ def llava_7b_proportions_bf16(seed: int = 0, text_tokens: int = 64) -> BenchMode
     return _llava("llava-7bp-bf16", seed, text_tokens, width=512, mlp=1408, layers=6, heads=8, dtype=torch.bfloat16)
 
 
+def llava_1b_f32(seed: int = 0, text_tokens: int = 16) -> BenchModel:
+    """LLaVA-1.5 architecture at ~1.0B parameters in float32 (Llama 32 x 1536, MLP 4224 = 2.75 x width, as 7B): big
+    enough that its weights and KeepLoRA state, not the interpreter, dominate a CPU process's memory."""
+    return _llava("llava-1b-f32", seed, text_tokens, width=1536, mlp=4224, layers=32, heads=12, dtype=torch.float32)
+
+
 def _llava(name: str, seed: int, text_tokens: int, *, width: int, mlp: int, layers: int, heads: int,
            dtype: torch.dtype) -> BenchModel:
     vision = CLIPVisionConfig(
@@ -99,4 +105,4 @@ def tiny(seed: int = 0) -> BenchModel:
     )
 
 
-MODELS = {"llava-100m": llava_100m, "llava-7bp-bf16": llava_7b_proportions_bf16, "tiny-llava": tiny}
+MODELS = {"llava-100m": llava_100m, "llava-1b-f32": llava_1b_f32, "llava-7bp-bf16": llava_7b_proportions_bf16, "tiny-llava": tiny}

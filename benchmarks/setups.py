@@ -12,8 +12,8 @@ from keeplora_hf import KeepLoRAConfig, attach_residual_projection, begin_task
 
 from models import MODELS, BenchModel
 
-RANK = {"llava-100m": 32, "llava-7bp-bf16": 32, "tiny-llava": 4}  # UCIT's r = 32 for the LLaVA; the tests' r = 4 for the tiny model
-ALPHA = {"llava-100m": 8, "llava-7bp-bf16": 8, "tiny-llava": 8}  # UCIT's alpha = r / 4
+RANK = {"llava-100m": 32, "llava-1b-f32": 32, "llava-7bp-bf16": 32, "tiny-llava": 4}  # UCIT's r = 32 for the LLaVA; the tests' r = 4 for the tiny model
+ALPHA = {"llava-100m": 8, "llava-1b-f32": 8, "llava-7bp-bf16": 8, "tiny-llava": 8}  # UCIT's alpha = r / 4
 
 
 def bench_model(name: str, seed: int = 0) -> BenchModel:
