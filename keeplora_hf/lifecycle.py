@@ -58,7 +58,7 @@ def protected_basis(model: nn.Module, module_name: str) -> torch.Tensor:
     module = layers[module_name]
     state = layer_state(module, adapter)
     owners = state_owners(model, layers)
-    if owners is None:
+    if owners is None or not state.initialised:
         return state.protected()
     stored = next(state.layout()[name] for name in ("_principal", "complement") if state.layout()[name] is not None)
     dtype = stored[1] if stored[1] in EXACT_DTYPES else WORK_DTYPE
@@ -104,7 +104,7 @@ def begin_task(
         zero_(module.lora_B[adapter].weight)
     # the first task computes each layer's principal basis; it is installed only once the data pass has succeeded
     fresh = _first_task_states(layers, adapter, config, owners)
-    states = {name: fresh.get(name) or layer_state(module, adapter) for name, module in layers.items()}
+    states = {name: fresh[name] if name in fresh else layer_state(module, adapter) for name, module in layers.items()}
     for name, state in states.items():
         state.bind(layers[name], config.principal_solver)
     directions = _gradient_directions(
