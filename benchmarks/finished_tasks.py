@@ -29,7 +29,7 @@ import torch
 
 from keeplora_hf.subspace import Subspace, principal_basis
 from keeplora_hf.tuner.layer import layer_state
-from keeplora_hf.tuner.state import FinishedTask
+from keeplora_hf.tuner.finished import FinishedTask
 from measure import configure_threads, interleaved, ratio_summary, summary, write_result
 from setups import RANK, batches, lora, optimizer_for, ready_keeplora, train_step
 

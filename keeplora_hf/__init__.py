@@ -7,14 +7,8 @@ Importing this package registers the KEEPLORA peft type, so `get_peft_model(mode
 from .continual import ContinualRunner, ContinualTask, GeneralSet
 from .export import export_lora
 from .callback import KeepLoRACallback
-from .lifecycle import (
-    attach_residual_projection,
-    begin_task,
-    end_task,
-    learned_update,
-    project_lora_A_,
-    protected_basis,
-)
+from .lifecycle import begin_task, end_task, learned_update, protected_basis
+from .projection import attach_residual_projection, project_lora_A_
 from .trainer import KeepLoRATrainer
 from .tuner import KEEPLORA_PEFT_TYPE, KeepLoRAConfig, KeepLoRAModel
 

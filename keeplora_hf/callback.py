@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Subset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .lifecycle import begin_task, end_task, project_lora_A_
+from .lifecycle import begin_task, end_task
+from .projection import project_lora_A_
 from .sharding import has_partitioned_parameters
 from .statistics import LossFn, default_loss
 from .tuner.model import drop_prefetched_state, keeplora_layers, prefetch_continual_state, tuner_of

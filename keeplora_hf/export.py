@@ -17,7 +17,7 @@ from .continual.run_dir import ADAPTER_FILES, RUN_FILE
 from .sharding import is_sharded
 from .tuner.layer import layer_state
 from .tuner.model import keeplora_layers, tuner_of
-from .tuner.state import FinishedTask
+from .tuner.finished import FinishedTask
 
 
 def export_lora(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

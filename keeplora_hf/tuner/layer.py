@@ -7,7 +7,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .state import TASK_DTYPE, KeepLoRALayerState
+from .finished import TASK_DTYPE
+from .state import KeepLoRALayerState
 
 STATE_ATTR = "keeplora_state"
 

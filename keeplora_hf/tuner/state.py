@@ -1,4 +1,4 @@
-"""What one targeted layer remembers across tasks (`KeepLoRALayerState`) and its finished tasks (`FinishedTask`).
+"""What one targeted layer remembers across tasks (`KeepLoRALayerState`), its finished tasks (`finished.py`) included.
 
 The state is an `nn.Module` whose tensors are (non-persistent) buffers, in a `ModuleDict` named `keeplora_state` on
 the LoRA layer (`tuner/layer.py` attaches it): `.to()`, `.cuda()`, accelerate's device maps and `delete_adapter` see
@@ -11,7 +11,6 @@ tasks in float32.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,34 +19,13 @@ from torch import nn
 
 from ..subspace.basis import EXACT_DTYPES, WORK_DTYPE, Subspace, orthogonal_complement, orthonormalize
 from ..subspace.principal import principal_basis, ritz_energies
+from .finished import TASK_DTYPE, FinishedTask, merged_delta
 from .weights import apply_delta_, base_weight, is_quantized
 
-#: dtype of finished tasks' A and B, and of the frozen branch that applies them
-TASK_DTYPE = torch.float32
 #: the buffers that describe the protected subspace: the ones a state sharded by layer keeps on one rank only
 BASIS_BUFFERS = ("_principal", "_memory", "complement", "principal_energies")
 #: a basis buffer's shape and dtype (None: the state does not store it), the same on every rank
 Layout = dict[str, "tuple[tuple[int, ...], torch.dtype] | None"]
-
-
-@dataclass
-class FinishedTask:
-    """One learned task's rank-r update of a layer: `delta_W = scaling * lora_B @ lora_A` (float32)."""
-
-    lora_A: torch.Tensor
-    lora_B: torch.Tensor
-    scaling: float
-
-    def delta(self) -> torch.Tensor:
-        return self.scaling * (self.lora_B @ self.lora_A)
-
-
-def merged_delta(tasks: list[FinishedTask]) -> torch.Tensor:
-    """The sum of the tasks' updates, in float32."""
-    total = tasks[0].delta()
-    for task in tasks[1:]:
-        total = total + task.delta()
-    return total
 
 
 class KeepLoRALayerState(nn.Module):
@@ -207,17 +185,11 @@ class KeepLoRALayerState(nn.Module):
 
     def layout(self) -> Layout:
         """Shape and dtype of each basis buffer: what the other ranks need to stand in for bases they do not hold."""
-        return {
-            name: None if (value := self._buffers[name]) is None else (tuple(value.shape), value.dtype)
-            for name in BASIS_BUFFERS
-        }
+        return {name: None if (t := self._buffers[name]) is None else (tuple(t.shape), t.dtype) for name in BASIS_BUFFERS}
 
     def release_bases_(self, layout: Layout | None = None) -> None:
-        """Keep only the shapes and dtypes of the bases (of `layout`, by default this state's own): another rank holds
-        them."""
-        layout = self.layout() if layout is None else layout
-        for name in BASIS_BUFFERS:
-            spec = layout[name]
+        """Keep only the shapes and dtypes of the bases (of `layout`, by default its own): another rank holds them."""
+        for name, spec in (self.layout() if layout is None else layout).items():
             self._buffers[name] = None if spec is None else torch.empty(spec[0], dtype=spec[1], device="meta")
         self._subspace = None
 

@@ -13,7 +13,8 @@ from peft.tuners.lora import LoraLayer
 
 from ..distributed import rank_and_world
 from .layer import layer_state, set_layer_state
-from .state import FinishedTask, KeepLoRALayerState
+from .finished import FinishedTask
+from .state import KeepLoRALayerState
 from .state_sharding import Owners, from_owner, owns
 from .weights import FINGERPRINT_TOLERANCE, apply_delta_, fingerprint_gap, is_quantized
 
