@@ -68,7 +68,14 @@ class KeepLoRACallback(TrainerCallback):
             )
         tuner.freeze_lora_A(adapter)
         layers = keeplora_layers(tuner.model, adapter)  # a state loaded whole into a sharded run keeps its own share
-        release_unowned_(layers, adapter, state_owners(model, layers))
+        owners = state_owners(model, layers)
+        if owners is not None and args.save_strategy == "best":
+            raise ValueError(
+                "save_strategy='best' is not supported with a fully sharded base (FSDP2, ZeRO-3): the Trainer decides "
+                "to save after an evaluation, on the main process alone, where the KeepLoRA state sharded across the "
+                "ranks cannot be fetched. Use save_strategy='steps' or 'epoch'"
+            )
+        release_unowned_(layers, adapter, owners)
         if train_dataloader is None:
             raise ValueError("KeepLoRACallback needs the Trainer's training dataloader (transformers >= 4.40)")
         self._statistics = statistics_dataloader(train_dataloader, config.gradient_data_ratio, args)

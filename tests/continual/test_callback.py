@@ -162,3 +162,27 @@ def test_a_resumed_train_whose_task_state_was_not_loaded_is_refused(tmp_path, de
                                           train_dataloader=loader)
     assert not tuner_of(model).progress("default").in_task
     assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if "lora_" in n)  # nothing begun
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_save_strategy_best_is_refused_when_the_state_is_sharded(tmp_path, device, dtype, monkeypatch):
+    """With the KeepLoRA state sharded by layer (a fully sharded base over several ranks, stood in for here), a save
+    the Trainer decides after an evaluation runs on the main process alone, where the state cannot be fetched: refused
+    before anything begins, naming what works. The same arguments without sharding train as usual."""
+    import keeplora_hf.callback as callback_module
+
+    tiny = build_tiny("llava")
+    tiny.model.to(device=device, dtype=dtype)
+    model = get_peft_model(tiny.model, KeepLoRAConfig(r=4, lora_alpha=8, target_modules=tiny.language_targets))
+    tasks, _ = toy_tasks(tiny, count=1, train_size=8)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, eval_strategy="steps",
+                             save_strategy="best", metric_for_best_model="loss")
+    loader = DataLoader(tasks[0].train_dataset, batch_size=4)
+    monkeypatch.setattr(callback_module, "state_owners", lambda model, layers: dict.fromkeys(layers, 0))
+    with pytest.raises(ValueError, match="save_strategy='best' is not supported with a fully sharded base.*'steps'"):
+        KeepLoRACallback().on_train_begin(args, TrainerState(), TrainerControl(), model=model, train_dataloader=loader)
+    assert not tuner_of(model).progress("default").in_task
+    assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if "lora_" in n)  # nothing begun
+    monkeypatch.undo()
+    KeepLoRACallback().on_train_begin(args, TrainerState(), TrainerControl(), model=model, train_dataloader=loader)
+    assert tuner_of(model).progress("default").in_task
