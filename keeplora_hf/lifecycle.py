@@ -13,7 +13,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .feature_memory import feature_covariances
-from .sharding import assign_, full_value, is_sharded, zero_
+from .sharding import assign_, full_value, zero_
 from .statistics import (
     LossFn,
     all_reduce_sum_,
@@ -36,6 +36,7 @@ from .tuner.state_sharding import (
     adopt_owners_layouts_,
     complete_from_owners,
     from_owner,
+    join_weight_gather,
     owns,
     release_unowned_,
     state_owners,
@@ -61,8 +62,8 @@ def protected_basis(model: nn.Module, module_name: str) -> torch.Tensor:
     owners = state_owners(model, layers)
     if owners is None or not state.initialised:
         return state.protected()
-    stored = next(state.layout()[name] for name in ("_principal", "complement") if state.layout()[name] is not None)
-    dtype = stored[1] if stored[1] in EXACT_DTYPES else WORK_DTYPE
+    stored = state.stored_principal if state.stored_principal is not None else state.complement  # `meta` if not held
+    dtype = stored.dtype if stored.dtype in EXACT_DTYPES else WORK_DTYPE  # as `protected()` returns it
     shape = (state.d_in, state.protected_rank)
     basis = state.protected() if owns(owners, module_name) else None
     return from_owner(basis, shape, dtype, module.get_base_layer().weight.device, owners[module_name])
@@ -157,8 +158,7 @@ def _first_task_states(
         if owns(owners, name):
             fresh[name] = first_task_state(module, config)
         else:
-            if is_sharded(module.get_base_layer().weight):
-                full_value(module.get_base_layer().weight)  # the owner's gather is a collective
+            join_weight_gather(module)
             fresh[name] = None
     return complete_from_owners(fresh, owners)
 

@@ -59,7 +59,7 @@ def from_owner(value: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.
     """The owner's `value` on every rank, bit for bit (a broadcast of its bytes, so any dtype travels); the other
     ranks pass None and the `shape` and `dtype` it has. A collective: every rank calls it, in the same order."""
     if value is not None:
-        buffer = value.detach().to(device=device, dtype=dtype).contiguous().clone()
+        buffer = value.detach().to(device=device, dtype=dtype).contiguous()  # a broadcast only reads its source
     else:
         buffer = torch.empty(shape, dtype=dtype, device=device)
     if buffer.numel():
@@ -78,13 +78,20 @@ def release_unowned_(layers: Mapping[str, LoraLayer], adapter: str, owners: Owne
         if not (state.initialised and state.held):
             continue
         if state.principal_energies is None and state.stored_principal is not None:
-            weight = module.get_base_layer().weight
             if owns(owners, name):
                 state.measure_principal_energies_(module)
-            elif is_sharded(weight):
-                full_value(weight)  # the owner's gather is a collective
+            else:
+                join_weight_gather(module)
         if not owns(owners, name):
             state.release_bases_()
+
+
+def join_weight_gather(module: LoraLayer) -> None:
+    """Take this rank's part in gathering `module`'s whole base weight, which its owner reads (a collective when the
+    weight is sharded; nothing to do otherwise)."""
+    weight = module.get_base_layer().weight
+    if is_sharded(weight):
+        full_value(weight)
 
 
 def complete_from_owners(states: dict[str, KeepLoRALayerState | None], owners: Owners | None) -> dict[str, KeepLoRALayerState]:
