@@ -12,6 +12,7 @@ from torch import nn
 
 from ..subspace.memory import MEMORY_SOLVERS
 from ..subspace.principal import PRINCIPAL_SOLVERS
+from .lora_fields import check_patterns, refuse_unverified_fields
 from .peft_type import KEEPLORA_PEFT_TYPE
 from .weights import merges_exactly
 
@@ -26,10 +27,10 @@ FINISHED_TASKS = ("auto", "branch", "merge")
 class KeepLoRAConfig(LoraConfig):
     """Configuration of a KeepLoRA++ adapter.
 
-    Everything `LoraConfig` offers for plain `nn.Linear` targets applies (rank, alpha, targets, dropout,
-    `rank_pattern`, `alpha_pattern`, `modules_to_save`). The fields below add the continual-learning method of
-    `docs/method.md`; variants that change what a LoRA layer computes (DoRA, LoRA biases, target parameters) are
-    refused because KeepLoRA++ keeps each finished task as exactly `s * B @ A` (merged or as a frozen branch).
+    The `LoraConfig` fields verified with KeepLoRA++ apply (rank, alpha, targets and exclusions, dropout, layer
+    selection, `rank_pattern`, `alpha_pattern`, `modules_to_save`); every other `LoraConfig` field is refused at any
+    value but its default (`tuner/lora_fields.py`), a field of a later `peft` release included, because KeepLoRA++
+    keeps each finished task as exactly `s * B @ A` (merged or as a frozen branch) on the base weights it protects.
 
     Args:
         principal_energy (`float`, defaults to 0.6): epsilon_w, the share of each pre-trained weight's spectral energy
@@ -193,17 +194,19 @@ class KeepLoRAConfig(LoraConfig):
             math.isfinite(self.lora_alpha) and self.lora_alpha > 0
         ):
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if self.init_lora_weights is not True:
             raise ValueError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported by KeepLoRA: initialisations such as "
-                "PiSSA, OLoRA, CorDA, EVA or LoftQ rewrite the base weights the protected subspace is computed from "
-                "(and begin_task chooses A itself). Use True."
+                f"init_lora_weights={self.init_lora_weights!r} is not supported by KeepLoRA: begin_task chooses A from "
+                "the task's residual gradient and starts B at zero, so another initialisation would be overwritten "
+                "(False, 'gaussian') or would rewrite the base weights the protected subspace is computed from (PiSSA, "
+                "OLoRA, CorDA, EVA, LoftQ). Use True; lora_A_init picks how A is chosen."
             )
         if self.bias != "none":
             raise ValueError(
                 f"bias={self.bias!r} is not supported by KeepLoRA: trained biases would change the model outside the "
                 "protected-subspace guarantee. Use 'none'."
             )
+        refuse_unverified_fields(self, KeepLoRAConfig.__annotations__)
         super().__post_init__()
         self.peft_type = KEEPLORA_PEFT_TYPE
         _check_range("principal_energy", self.principal_energy, 0.0, 1.0, "[0, 1]", low_open=False)
@@ -226,19 +229,7 @@ class KeepLoRAConfig(LoraConfig):
         for name, value in (("keep_principal_basis", self.keep_principal_basis), ("train_lora_A", self.train_lora_A)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
-        unsupported = {
-            "use_dora": self.use_dora,
-            "lora_bias": self.lora_bias,
-            "target_parameters": bool(self.target_parameters),
-            "use_rslora": self.use_rslora,
-        }
-        for name, value in unsupported.items():
-            if value:
-                raise ValueError(
-                    f"{name} is not supported by KeepLoRA: each finished task's update is kept as exactly "
-                    "s * B @ A, which leaves no room for it. Set it to its default."
-                )
-
+        check_patterns(self)
 
 def state_torch_dtype(config: KeepLoRAConfig, module: nn.Module) -> torch.dtype:
     """The torch dtype of `config.state_dtype` for the target `module` ('auto' follows its base weight)."""
