@@ -41,6 +41,7 @@ from .tuner.state_sharding import (
     release_unowned_,
     state_owners,
 )
+from .tuner.truth import check_unchanged, record_frozen_response
 from .tuner.weights import base_weight, is_quantized, merges_exactly, weight_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def begin_task(
     progress = tuner.progress(adapter)
     if progress.in_task:
         raise RuntimeError(f"begin_task: task {progress.task_index} is already under way; call end_task first")
+    _refuse_rounded_merges(layers, adapter)
     network = getattr(model, "module", model)
     owners = state_owners(network, layers)
     release_unowned_(layers, adapter, owners)
@@ -142,8 +144,33 @@ def begin_task(
             "principal_energy or feature_energy to give them more room.",
             stacklevel=2,
         )
+    for module in layers.values():
+        state = layer_state(module, adapter)
+        record_frozen_response(module, state)
+        state.task_open = True
     progress.in_task = True
     logger.info("KeepLoRA: began task %d on %d target layers", progress.task_index, len(layers))
+    if config.modules_to_save:
+        logger.warning(
+            "KeepLoRA: task %d also trains modules_to_save %s fully, outside any protected subspace",
+            progress.task_index,
+            sorted(config.modules_to_save),
+        )
+
+
+def _refuse_rounded_merges(layers: dict[str, LoraLayer], adapter: str) -> None:
+    """Finished tasks merged into a float32 weight that was cast since to a 16-bit dtype were rounded with it: the model
+    no longer computes what `learned_update` reports."""
+    for name, module in layers.items():
+        state = layer_state(module, adapter)
+        if state.merged_tasks and not merges_exactly(module):
+            dtype = module.get_base_layer().weight.dtype
+            raise RuntimeError(
+                f"{name} has {state.merged_tasks} finished tasks merged into its base weight, which is now {dtype}: the "
+                "cast rounded them, so the model no longer computes the updates KeepLoRA reports. Reload the base in "
+                "float32 with the saved adapter (PeftModel.from_pretrained), or train on a 16-bit base from the start "
+                "(finished tasks then stay a float32 branch)."
+            )
 
 
 def _first_task_states(
@@ -230,20 +257,30 @@ def _gradient_directions(
     missing = sorted(set(layers) - received)
     if missing:
         raise RuntimeError(f"begin_task: the loss does not depend on these targets, so no gradient reached them: {missing[:5]}")
-    directions = {}
+    directions, silent = {}, []
     for name, module in layers.items():  # in module order: every rank must reduce the same tensors in the same order
         rank = module.r[adapter]
         if config.gradient_estimator == "exact":
             gradient = all_reduce_sum_(gradients.pop(name))  # the mean's scale does not move singular vectors
             check_finite(gradient, name, "gradient")
+            if not gradient.any():
+                silent.append(name)
             if owns(owners, name):
                 directions[name] = residual_directions(gradient, states[name].subspace(), rank)
         else:
             sketch = sketches.pop(name)
             all_reduce_sum_(sketch.sketch)
             check_finite(sketch.sketch, name, "gradient sketch")
+            if not sketch.sketch.any():
+                silent.append(name)
             if owns(owners, name):
                 directions[name] = sketch.residual_directions(states[name].subspace(), rank)
+    if len(silent) == len(layers):
+        raise ValueError(
+            f"begin_task: the loss's gradient is exactly zero at every target layer over {count} batches, so A would "
+            "be chosen from nothing. Check that the batches' labels are not all ignored (-100) and that the loss "
+            "depends on the model's outputs (loss_fn). Nothing was changed."
+        )
     return directions
 
 
@@ -284,8 +321,9 @@ def end_task(
     merge = {name: _merges(config, module, name) for name, module in layers.items()}  # refused before any change
     owners = state_owners(model, layers)
     release_unowned_(layers, adapter, owners)
-    if config.train_lora_A:
-        _check_lora_A_in_residual(layers, adapter, owners)
+    _check_lora_A_in_residual(layers, adapter, owners, config.train_lora_A)
+    for name, module in layers.items():
+        check_unchanged(module, name, adapter, layer_state(module, adapter))
 
     new_directions: dict[str, torch.Tensor] = {}
     if config.feature_energy > 0:  # with no memory to keep (plain sequential LoRA), skip the data pass
@@ -308,13 +346,19 @@ def end_task(
             merge=merge[name],
         )
     adopt_owners_layouts_(layers, adapter, owners)
+    for module in layers.values():
+        state = layer_state(module, adapter)
+        state.task_open, state.task_probe, state.task_hooks = False, None, None
     tuner.keeplora_progress[adapter] = TaskProgress(progress.task_index + 1, in_task=False)
     logger.info("KeepLoRA: finished task %d", progress.task_index)
 
 
-def _check_lora_A_in_residual(layers: dict[str, LoraLayer], adapter: str, owners: Owners | None) -> None:
-    """A trained `A` must have been re-projected after every step; refuse to keep a task whose `A` left the residual.
-    Each layer is checked by its owner and the worst share is shared, so every rank refuses alike."""
+def _check_lora_A_in_residual(
+    layers: dict[str, LoraLayer], adapter: str, owners: Owners | None, trained: bool
+) -> None:
+    """`A` must still lie in the residual subspace: re-projected after every step when it trains, untouched when it
+    does not. Refuse to keep a task whose `A` left it. Each layer is checked by its owner and the worst share is
+    shared, so every rank refuses alike."""
     worst = (0.0, "")  # (|A P| / |A|, layer) of the worst layer this rank checked
     for name, module in layers.items():
         lora_A = full_value(module.lora_A[adapter].weight).float()  # a gather when sharded: every rank joins
@@ -326,6 +370,13 @@ def _check_lora_A_in_residual(layers: dict[str, LoraLayer], adapter: str, owners
         torch.distributed.all_gather_object(everyone, worst)
         worst = max(everyone)
     share, name = worst
+    if share > 1e-4 and not trained:
+        raise RuntimeError(
+            f"lora_A of {name} left its residual subspace during the task (|A P| / |A| = {share:.2g}), although "
+            "train_lora_A is False: something changed it (a cast of its dtype, an optimizer given lora_A, "
+            "set_requires_grad). The task is still under way and nothing was changed; resume from the last checkpoint "
+            "saved before the change, or set train_lora_A=True to train A with its projection."
+        )
     if share > 1e-4:
         raise RuntimeError(
             f"lora_A of {name} left its residual subspace (|A P| / |A| = {share:.2g}): with "

@@ -3,6 +3,11 @@ hooks through which the finished tasks it keeps unmerged act on the layer's outp
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -41,19 +46,69 @@ def has_layer_state(module: nn.Module, adapter_name: str) -> bool:
 
 # The frozen branch of unmerged finished tasks is added where LoRA's own branch is: to the base layer's output, in
 # float32, with the sum rounded once to the output dtype. Three hooks do it without replacing PEFT's layer classes (so
-# every LoRA layer type works, 4-bit included): the target's pre-hook tells its base layer which states to apply
-# (none with the adapter disabled: the pre-trained layer), the base layer's hook returns `base(x) + branch(x)` in
-# float32 and notes its own dtype, and the target's hook rounds the total (base + LoRA + branch) back to that dtype.
+# every LoRA layer type works, 4-bit included): the target's pre-hook tells its base layer which states to apply, to
+# which rows (none with the adapter disabled: the pre-trained layer; in a mixed-adapter batch each row's own adapter),
+# the base layer's hook returns `base(x) + branch(x)` in float32 and notes its own dtype, and the target's hook rounds
+# the total (base + LoRA + branch) back to that dtype.
 _BRANCH_CALL = "_keeplora_branch_call"
+#: the rows' adapters of a mixed-adapter batch (`forward(..., adapter_names=[...])`), for the length of that forward
+_ROW_ADAPTERS: ContextVar[list[str] | None] = ContextVar("keeplora_row_adapters", default=None)
+NO_TASK_WARNING = (
+    "a KeepLoRA adapter is training with no task under way: its lora_A and lora_B are zero, so every gradient is zero "
+    "and nothing is learned. Begin the task first: keeplora_hf.begin_task(model, loader), or train with "
+    "KeepLoRATrainer / KeepLoRACallback, which do it."
+)
+
+
+@contextmanager
+def row_adapters(adapter_names: list[str] | None) -> Iterator[None]:
+    """Within it, a forward applies the finished tasks of each row's own adapter (`__base__`: none)."""
+    token = _ROW_ADAPTERS.set(None if adapter_names is None else list(adapter_names))
+    try:
+        yield
+    finally:
+        _ROW_ADAPTERS.reset(token)
 
 
 def _open_branch(module: LoraLayer, args: tuple) -> None:  # noqa: ARG001
     if module.disable_adapters:
         return
-    states = [module.keeplora_state[a] for a in module.active_adapters if a in module.keeplora_state]
-    states = [s for s in states if s.branched_tasks]
-    if states:
-        module.get_base_layer().__dict__[_BRANCH_CALL] = {"states": states, "dtype": None}
+    states = module.keeplora_state
+    names = _ROW_ADAPTERS.get()
+    if names is None:
+        _warn_if_training_without_task(module)
+        groups = [(None, [states[a] for a in module.active_adapters if a in states and states[a].branched_tasks])]
+    else:
+        _refuse_rows_of_merged_tasks(module, names)
+        groups = [
+            ([row for row, name in enumerate(names) if name == adapter], [states[adapter]])
+            for adapter in dict.fromkeys(names)
+            if adapter in states and states[adapter].branched_tasks
+        ]
+    groups = [(rows, group) for rows, group in groups if group]
+    if groups:
+        module.get_base_layer().__dict__[_BRANCH_CALL] = {"groups": groups, "dtype": None}
+
+
+def _warn_if_training_without_task(module: LoraLayer) -> None:
+    if not (module.training and torch.is_grad_enabled()):
+        return
+    for adapter in module.active_adapters:
+        state = module.keeplora_state[adapter] if adapter in module.keeplora_state else None
+        if state is not None and not state.task_open and module.lora_B[adapter].weight.requires_grad:
+            warnings.warn(NO_TASK_WARNING, stacklevel=2)
+            return
+
+
+def _refuse_rows_of_merged_tasks(module: LoraLayer, names: list[str]) -> None:
+    """Tasks merged into the base weight act on every row: a mixed batch can only ask for that adapter."""
+    for adapter, state in module.keeplora_state.items():
+        if state.merged_tasks and any(name != adapter for name in names):
+            raise ValueError(
+                f"adapter_names mixes adapters, but {adapter!r} has {state.merged_tasks} finished tasks merged into the "
+                "base weight of this layer, which every row would get. Use finished_tasks='branch' for adapters served "
+                "in mixed batches."
+            )
 
 
 def _add_branch(base: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -62,8 +117,12 @@ def _add_branch(base: nn.Module, args: tuple, output: torch.Tensor) -> torch.Ten
         return output
     call["dtype"] = output.dtype
     total = output.to(TASK_DTYPE)
-    for state in call["states"]:
-        total = total + state.branch(args[0])
+    for rows, states in call["groups"]:
+        if rows is None:
+            total = total + sum(state.branch(args[0]) for state in states)
+        else:
+            index = torch.tensor(rows, device=total.device)
+            total = total.index_add(0, index, sum(state.branch(args[0][index]) for state in states))
     return total
 
 
@@ -72,3 +131,7 @@ def _close_branch(module: LoraLayer, args: tuple, output: torch.Tensor) -> torch
     if call is None or call["dtype"] is None:
         return output
     return output.to(call["dtype"])
+
+
+#: KeepLoRA's own hooks on a target and its base layer (the truth check of `tuner/truth.py` ignores them)
+BRANCH_HOOKS = (_open_branch, _add_branch, _close_branch)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 
 import torch
 from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
-from ..sharding import full_value, is_partitioned, zero_
+from ..sharding import full_value, is_partitioned, is_sharded, zero_
 from .config import KeepLoRAConfig
 from .depth import layer_scales
-from .layer import has_layer_state, layer_state
+from .factors import keep_float32_
+from .layer import has_layer_state, layer_state, row_adapters
 from .peft_type import KEEPLORA_PEFT_TYPE
 from .state_io import STATE_KEY, TaskProgress, install_state, state_tensors
 from .state_sharding import state_owners
@@ -36,6 +38,13 @@ class KeepLoRAModel(LoraModel):
                 f"KeepLoRA targets must be nn.Linear layers, but {current_key!r} is {type(base).__name__}. "
                 "Narrow target_modules to linear projections."
             )
+        if is_sharded(base.weight):
+            raise ValueError(
+                f"the base weight of {current_key!r} is already sharded (FSDP2 fully_shard or DeepSpeed ZeRO-3): LoRA "
+                "weights added now would not be sharded, their gradients never averaged, and each rank would learn its "
+                "own update. Call get_peft_model on the whole model first, then fully_shard (or let the Trainer / "
+                "accelerate prepare it)."
+            )
         super()._create_and_replace(lora_config, adapter_name, target, target_name, parent, current_key, **kwargs)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
@@ -46,6 +55,8 @@ class KeepLoRAModel(LoraModel):
         scales = layer_scales(model, list(layers), config.layer_scale_gamma)
         for name, module in layers.items():
             module.set_scale(adapter_name, scales[name])
+            keep_float32_(module.lora_A[adapter_name])
+            keep_float32_(module.lora_B[adapter_name])
             zero_(module.lora_A[adapter_name].weight)
             zero_(module.lora_B[adapter_name].weight)
             layer_state(module, adapter_name)
@@ -56,17 +67,68 @@ class KeepLoRAModel(LoraModel):
         for adapter_name in self.peft_config:
             self.freeze_lora_A(adapter_name)
 
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad)
+        for adapter_name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            self.freeze_lora_A(adapter_name)
+
     def freeze_lora_A(self, adapter_name: str) -> None:
-        """`A` trains only with `train_lora_A`, whatever marked every adapter weight trainable (PEFT's own marking, a
-        user's `set_requires_grad`)."""
-        train = self.peft_config[adapter_name].train_lora_A
+        """Without `train_lora_A`, `A` stays frozen whatever marked the adapter's weights trainable (PEFT's own
+        marking, `set_adapter`, a user's `set_requires_grad`). It never makes anything trainable: which adapter trains
+        is PEFT's to say (`is_trainable`, `inference_mode`, the active adapter)."""
+        if self.peft_config[adapter_name].train_lora_A:
+            return
         for module in self.model.modules():
             if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
-                module.lora_A[adapter_name].weight.requires_grad_(train)
+                module.lora_A[adapter_name].weight.requires_grad_(False)
+
+    # -- PEFT calls that would break a task under way, refused with what to do instead --------------------------
+
+    def tasks_under_way(self) -> list[str]:
+        """The adapters with a KeepLoRA task under way (between begin_task and end_task)."""
+        return [name for name, progress in self.__dict__.get("keeplora_progress", {}).items() if progress.in_task]
+
+    def _refuse_in_task(self, action: str, why: str, adapters: list[str] | None = None) -> None:
+        busy = [a for a in self.tasks_under_way() if adapters is None or a in adapters]
+        if busy:
+            raise RuntimeError(
+                f"{action} is refused while a KeepLoRA task of adapter {busy[0]!r} is under way: {why}. Finish the task "
+                "first (keeplora_hf.end_task(model, loader), or KeepLoRACallback.end_task(trainer)); nothing was changed."
+            )
+
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        self._refuse_in_task(
+            "merging the adapter", "its update would then count twice, in the base weight and in LoRA, and end_task "
+            "would keep a task the layer does not compute"
+        )
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        wanted = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        leaving = [a for a in self.tasks_under_way() if a not in wanted]
+        self._refuse_in_task(f"set_adapter({adapter_name!r})", "the task's adapter would stop training", leaving)
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        for name in wanted:
+            self.freeze_lora_A(name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._refuse_in_task(f"delete_adapter({adapter_name!r})", "the task and its state would be lost", [adapter_name])
+        super().delete_adapter(adapter_name)
+
+    def add_weighted_adapter(self, *args, **kwargs) -> None:
+        raise NotImplementedError(
+            "add_weighted_adapter is not supported for KeepLoRA adapters: a weighted combination would keep neither "
+            "the finished tasks kept as frozen branches nor their layer scales, nor the protected subspaces. Export "
+            "each adapter as a plain LoRA (keeplora_hf.export_lora) and combine those with PEFT's LoraModel instead."
+        )
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         """`merge_and_unload()` folds the finished tasks kept as branches into the base weights first (one rounding
         per weight), so the merged model computes what the adapter did; `unload()` drops them with the adapter."""
+        if not merge:
+            self._refuse_in_task("unload()", "the task under way and the continual state would be dropped")
+        else:
+            self._check_merge_allowed()
         if merge:
             for adapter_name in adapter_names or self.active_adapters:
                 for module in keeplora_layers(self.model, adapter_name).values():
@@ -74,6 +136,12 @@ class KeepLoRAModel(LoraModel):
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """A mixed-adapter batch (`forward(..., adapter_names=[...])`) applies each row's own finished tasks."""
+        with super()._enable_peft_forward_hooks(*args, **kwargs), row_adapters(kwargs.get("adapter_names")):
+            yield
 
     def keeplora_adapter(self) -> str:
         """The one active adapter that a task sequence trains; KeepLoRA does not mix adapters."""

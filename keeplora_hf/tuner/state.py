@@ -77,12 +77,17 @@ class KeepLoRALayerState(nn.Module):
             ("finished_A", None),
             ("finished_B", None),
             ("fingerprint", None),
+            ("task_probe", None),  # the layer's frozen response at begin_task, for end_task's truth check (`truth.py`)
         ):
             self.register_buffer(name, value, persistent=False)
         self._task_ranks: list[int] = []
         self._task_scalings: list[float] = []
         self.tasks = [] if tasks is None else tasks
         self.merged_tasks = len(self._task_ranks) if merged_tasks is None else merged_tasks
+        #: whether a task is under way on this layer (begin_task to end_task), for the warning of `tuner/layer.py`
+        self.task_open = False
+        #: the foreign forward hooks on the layer at begin_task (`tuner/truth.py`), within this process
+        self.task_hooks: tuple[str, ...] | None = None
         self._subspace: Subspace | None = None
         self._branch: tuple[torch.Tensor, torch.Tensor, float | None] | None = None
         self._origin: tuple[weakref.ref, str] | None = None

@@ -55,8 +55,9 @@ def state_tensors(
                     continue
             tensors[f"{prefix}.{field}"] = value.detach().cpu().contiguous()
         tensors[f"{prefix}.merged_tasks"] = torch.tensor([state.merged_tasks], dtype=torch.int64)
-        if state.fingerprint is not None:
-            tensors[f"{prefix}.fingerprint"] = state.fingerprint.detach().cpu().contiguous()
+        for field in ("fingerprint", "task_probe"):
+            if getattr(state, field) is not None:
+                tensors[f"{prefix}.{field}"] = getattr(state, field).detach().cpu().contiguous()
         for t, task in enumerate(state.tasks):
             tensors[f"{prefix}.task{t}.lora_A"] = task.lora_A.detach().cpu().contiguous()
             tensors[f"{prefix}.task{t}.lora_B"] = task.lora_B.detach().cpu().contiguous()
@@ -97,7 +98,7 @@ def trust_base() -> bool:
     return os.environ.get("KEEPLORA_TRUST_BASE", "") not in ("", "0", "false", "False")
 
 
-_LAYER_KEY = re.compile(rf"^(?P<layer>.+)\.{STATE_KEY}\.(?P<field>principal|memory|complement|merged_tasks|fingerprint|task(?P<task>\d+)\.(?P<part>lora_A|lora_B|scaling))$")
+_LAYER_KEY = re.compile(rf"^(?P<layer>.+)\.{STATE_KEY}\.(?P<field>principal|memory|complement|merged_tasks|fingerprint|task_probe|task(?P<task>\d+)\.(?P<part>lora_A|lora_B|scaling))$")
 
 
 def install_state(
@@ -174,6 +175,7 @@ def install_state(
             for task in state.tasks[already : state.merged_tasks]:
                 apply_delta_(module.get_base_layer().weight, task.delta())
         state.bind(module, config.principal_solver)
+        state.task_open = in_task
         set_layer_state(module, adapter_name, state)
     return TaskProgress(task_index, in_task)
 
@@ -235,7 +237,8 @@ def _parse_layer_state(name: str, module: LoraLayer, fields: dict[str, torch.Ten
         raise ValueError(f"saved KeepLoRA state of {name} has {merged} merged tasks out of {task_index}; the file is corrupt")
     state.merged_tasks = merged
     state.fingerprint = fields.get("fingerprint")
-    beyond = sorted(k for k in fields if k.startswith("task") and int(k[4:].split(".")[0]) >= task_index)
+    state.task_probe = fields.get("task_probe")
+    beyond = sorted(k for k in fields if k.startswith("task") and k != "task_probe" and int(k[4:].split(".")[0]) >= task_index)
     if beyond:
         raise ValueError(
             f"saved KeepLoRA state of {name} holds {beyond[0]} but task_index says only {task_index} tasks are finished; "

@@ -50,9 +50,26 @@ FINGERPRINT_TOLERANCE = 2e-2
 def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     """`W g` (`d_out x 2`, float32) for two fixed Gaussian directions `g`: cheap, stable under a dtype cast of the same
     weights, and different for any other weight of the same shape."""
-    generator = torch.Generator().manual_seed(weight.shape[1])
-    probes = torch.randn(weight.shape[1], FINGERPRINT_PROBES, generator=generator).to(weight.device)
-    return weight.float() @ probes
+    return weight.float() @ fingerprint_probes(weight.shape[1], weight.device)
+
+
+def fingerprint_probes(d_in: int, device: torch.device | str) -> torch.Tensor:
+    """The fixed Gaussian directions `g` (`d_in x 2`, float32) of `weight_fingerprint`, seeded by `d_in`."""
+    generator = torch.Generator().manual_seed(d_in)
+    return torch.randn(d_in, FINGERPRINT_PROBES, generator=generator).to(device)
+
+
+def weight_response(module: nn.Module) -> torch.Tensor:
+    """`W g` of the layer's base weight as it computes now (`d_out x 2`, float32): from the weight itself (gathered
+    when sharded: every rank calls it), or, for a quantized weight, through the layer on `g` minus its bias."""
+    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    weight = base.weight
+    if weight.dtype.is_floating_point and len(shape_of(weight)) == 2:
+        return weight_fingerprint(full_value(weight))
+    probes = fingerprint_probes(base.in_features, weight.device)
+    with torch.no_grad():
+        zero = base(torch.zeros(1, base.in_features, device=weight.device)).float()
+        return (base(probes.T.contiguous()).float() - zero).T.contiguous()
 
 
 def fingerprint_gap(saved: torch.Tensor, weight: torch.Tensor) -> float:

@@ -1,0 +1,82 @@
+"""end_task's truth check: over a task, a layer may change by its learned update `s B A` and by nothing else.
+
+`learned_update` and the saved adapter describe the finished task from `A` and `B` alone. Anything else that changes a
+layer during the task (a PEFT merge in the middle of it, a base weight left trainable, a cast of the base, a forward
+hook added to the layer) would make them report something the model does not compute. So `begin_task` records each
+target's frozen response, its base weight on two fixed random directions (`weights.weight_response`), and the forward
+hooks on the layer; `end_task` measures them again and refuses, naming the layer and the gap, before changing anything.
+The response is saved with the adapter (`task_probe`), so a resumed task is checked too; hooks are checked within a
+process only.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora import LoraLayer
+
+from .layer import BRANCH_HOOKS
+from .state import KeepLoRALayerState
+from .weights import fingerprint_probes, weight_response
+
+#: a layer's frozen response may move by this share of the learned update's response (float32 rounding of the
+#: products), plus `RESPONSE_TOLERANCE` of its own size
+UPDATE_TOLERANCE = 1e-3
+RESPONSE_TOLERANCE = 1e-6
+
+
+def record_frozen_response(module: LoraLayer, state: KeepLoRALayerState) -> None:
+    """At begin_task: the layer's base response and its foreign forward hooks (every rank calls it: a gather)."""
+    state.task_probe = weight_response(module)
+    state.task_hooks = foreign_hooks(module)
+
+
+def response_gap(module: LoraLayer, adapter: str, state: KeepLoRALayerState) -> float | None:
+    """How far the layer's frozen part moved over the task, relative to the learned update's response on the same
+    directions (None: no response was recorded, e.g. a task begun by an older version)."""
+    if state.task_probe is None:
+        return None
+    now = weight_response(module)
+    before = state.task_probe.to(now.device)
+    lora_A = module.lora_A[adapter].weight.detach().float()
+    lora_B = module.lora_B[adapter].weight.detach().float()
+    probes = probe_directions(module, now.device)
+    learned = float(module.scaling[adapter]) * (lora_B @ (lora_A @ probes))
+    floor = UPDATE_TOLERANCE * learned.norm() + RESPONSE_TOLERANCE * before.norm()
+    moved = (now - before).norm()
+    return 0.0 if moved <= floor else float(moved / learned.norm().clamp_min(1e-30))
+
+
+def check_unchanged(module: LoraLayer, name: str, adapter: str, state: KeepLoRALayerState) -> None:
+    """Refuse to finish a task during which something other than `A` and `B` changed the layer `name`."""
+    gap = response_gap(module, adapter, state)
+    if gap:
+        raise RuntimeError(
+            f"end_task: the base weight of {name} changed during the task by {gap:.3g}x the learned update (on fixed "
+            "random directions), so what learned_update and the saved adapter would report is not what the layer "
+            "computes. Something other than lora_B (and lora_A with train_lora_A) changed it: merge_adapter() in "
+            "the middle of the task, a base weight left trainable, a cast of the model's dtype. The task is still "
+            "under way and nothing was changed; resume from the last checkpoint saved before the change."
+        )
+    hooks = getattr(state, "task_hooks", None)
+    if hooks is not None and foreign_hooks(module) != hooks:
+        added = sorted(set(foreign_hooks(module)) - set(hooks)) or sorted(set(hooks) - set(foreign_hooks(module)))
+        raise RuntimeError(
+            f"end_task: the forward hooks of {name} changed during the task ({', '.join(added)}), so the layer no "
+            "longer computes its base plus the learned update. Remove the hook (or add it before begin_task); the "
+            "task is still under way and nothing was changed."
+        )
+
+
+def foreign_hooks(module: LoraLayer) -> tuple[str, ...]:
+    """The forward (pre-)hooks on the target and its base layer other than KeepLoRA's own, by name and id."""
+    found = []
+    for layer in (module, module.get_base_layer()):
+        for registry in (layer._forward_pre_hooks, layer._forward_hooks):
+            for key, hook in registry.items():
+                if getattr(hook, "__func__", hook) not in BRANCH_HOOKS:
+                    found.append(f"{getattr(hook, '__qualname__', type(hook).__name__)}#{key}")
+    return tuple(found)
+
+
+def probe_directions(module: LoraLayer, device: torch.device) -> torch.Tensor:
+    return fingerprint_probes(module.get_base_layer().in_features, device)
