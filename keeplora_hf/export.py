@@ -12,7 +12,7 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import nn
 
-from .continual.checkpoint import atomic_directory
+from .continual.checkpoint import atomic_directory, with_default_mode
 from .continual.run_dir import ADAPTER_FILES, RUN_FILE
 from .sharding import is_sharded
 from .tuner.layer import layer_state
@@ -87,16 +87,31 @@ def _updates(module: nn.Module, adapter: str) -> list[FinishedTask]:
     return [FinishedTask(u.lora_A.cpu(), u.lora_B.cpu(), u.scaling) for u in updates]
 
 
+#: what an export writes: the only entries `overwrite` may replace
+EXPORT_FILES = ADAPTER_FILES
+
+
 def check_export_target(path: Path, overwrite: bool) -> None:
-    """Refuse to export over anything but an empty or absent directory, unless `overwrite`; never over a run."""
+    """Refuse to export over anything but an absent or empty directory, or, with `overwrite`, a previous export
+    (nothing but the files an export writes): never over a run, data or anything else, which would be deleted."""
     if not path.exists():
         return
     if not path.is_dir():
         raise FileExistsError(f"export target {path} exists and is not a directory")
     if (path / RUN_FILE).exists():
         raise FileExistsError(f"export target {path} holds a continual run ({RUN_FILE}); choose another directory")
-    if any(path.iterdir()) and not overwrite:
+    entries = sorted(path.iterdir())
+    if not entries:
+        return
+    if not overwrite:
         raise FileExistsError(f"export target {path} is not empty; pass overwrite=True (--overwrite) to replace it")
+    foreign = [e.name for e in entries if e.name not in EXPORT_FILES or not e.is_file() or e.is_symlink()]
+    if foreign or not (path / ADAPTER_FILES[0]).is_file():
+        shown = ", ".join(foreign[:5]) or f"no {ADAPTER_FILES[0]}"
+        raise FileExistsError(
+            f"export target {path} is not a previous export (in the way: {shown}); overwrite only replaces a directory "
+            f"holding nothing but {', '.join(EXPORT_FILES)}. Choose another directory."
+        )
 
 
 def _write_atomically(path: Path, config: LoraConfig, tensors: dict[str, torch.Tensor], overwrite: bool) -> Path:
@@ -104,6 +119,7 @@ def _write_atomically(path: Path, config: LoraConfig, tensors: dict[str, torch.T
     with atomic_directory(path) as staging:  # an old export is moved aside, not deleted, until the new one is in place
         config.save_pretrained(str(staging))
         save_file(tensors, str(staging / ADAPTER_FILES[1]), metadata={"format": "pt"})
+        with_default_mode(staging / ADAPTER_FILES[1])  # safetensors writes it 0600
         with open(staging / ADAPTER_FILES[0]) as f:
             json.load(f)  # fail here, not in the consumer, if the config did not serialise
     return path

@@ -108,9 +108,9 @@ def test_export_refuses_a_non_empty_target_and_never_replaces_a_run(tmp_path):
     (target / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
         export_lora(model, target)
+    with pytest.raises(FileExistsError, match=r"not a previous export \(in the way: notes.txt\)"):
+        export_lora(model, target, overwrite=True)
     assert (target / "notes.txt").read_text() == "mine"
-    export_lora(model, target, overwrite=True)
-    assert (target / "adapter_model.safetensors").is_file() and not (target / "notes.txt").exists()
 
     run = tmp_path / "run"
     run.mkdir()
@@ -118,6 +118,31 @@ def test_export_refuses_a_non_empty_target_and_never_replaces_a_run(tmp_path):
     with pytest.raises(FileExistsError, match="holds a continual run"):
         export_lora(model, run, overwrite=True)
     assert (run / "run.json").read_text() == "{}"
+
+
+def test_overwrite_replaces_only_a_previous_export(tmp_path):
+    model, batches = _model()
+    begin_task(model, batches)
+    _learn(model, batches)
+    end_task(model, batches)
+    holder = tmp_path / "runs"
+    (holder / "seq1").mkdir(parents=True)  # a run one level down
+    (holder / "seq1" / "run.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="in the way: seq1"):
+        export_lora(model, holder, overwrite=True)
+    assert (holder / "seq1" / "run.json").read_text() == "{}"
+
+    export = tmp_path / "export"
+    export_lora(model, export)
+    first = (export / "adapter_model.safetensors").read_bytes()
+    begin_task(model, batches)
+    _learn(model, batches)  # the task under way is exported too
+    export_lora(model, export, overwrite=True)  # a previous export: replaced
+    assert (export / "adapter_model.safetensors").read_bytes() != first
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in export.iterdir():  # the mode a plain open() gives, not safetensors' 0600
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file.name
 
 
 def test_export_run_refuses_to_write_into_the_run_it_reads(tmp_path, monkeypatch):

@@ -15,6 +15,8 @@ from peft import PeftModel
 from keeplora_hf import KeepLoRAConfig, begin_task, end_task, learned_update, protected_basis
 from keeplora_hf.tuner.layer import NO_TASK_WARNING
 
+from keeplora_hf.models import build_tiny
+
 from keeplora_setups import all_targets, learn, outputs, targets, wrap
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -54,7 +56,7 @@ def test_train_lora_A_never_makes_an_inactive_or_frozen_adapter_trainable(tmp_pa
     begin_task(model, batches)
     end_task(model, batches)
     model.save_pretrained(tmp_path)
-    frozen = PeftModel.from_pretrained(wrap("llava")[2].model, tmp_path, is_trainable=False)
+    frozen = PeftModel.from_pretrained(build_tiny("llava").model, tmp_path, is_trainable=False)
     assert not any(p.requires_grad for p in frozen.parameters())
 
 
@@ -205,7 +207,7 @@ def test_the_truth_check_survives_a_save_and_load_mid_task(tmp_path):
     begin_task(model, batches)
     learn(model, batches)
     model.save_pretrained(tmp_path)
-    reloaded = PeftModel.from_pretrained(wrap("llava")[2].model, tmp_path, is_trainable=True)
+    reloaded = PeftModel.from_pretrained(build_tiny("llava").model, tmp_path, is_trainable=True)
     name, module = _first_target(reloaded)
     module.get_base_layer().weight.data.add_(1e-2)
     with pytest.raises(RuntimeError, match=name):
@@ -272,3 +274,24 @@ def test_begin_task_refuses_statistics_whose_gradient_is_zero():
         begin_task(model, batches, loss_fn=lambda m, b: m(**b).logits.sum() * 0.0)
     assert torch.equal(outputs(model, batches[0]), before)
     assert not model.base_model.progress("default").in_task
+
+
+# -- 10. launch order under FSDP2 ------------------------------------------------------------------------------------------
+
+
+def test_get_peft_model_on_a_model_already_fully_sharded_is_refused(tmp_path):
+    import torch.distributed as dist
+    from peft import get_peft_model
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        tiny = build_tiny("llava")
+        for layer in tiny.model.model.language_model.layers:
+            fully_shard(layer)
+        fully_shard(tiny.model)
+        config = KeepLoRAConfig(r=4, target_modules=all_targets(tiny))
+        with pytest.raises(ValueError, match="get_peft_model on the whole model first, then fully_shard"):
+            get_peft_model(tiny.model, config)
+    finally:
+        dist.destroy_process_group()
