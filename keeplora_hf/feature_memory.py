@@ -13,6 +13,7 @@ from torch import nn
 from .statistics import (
     LossFn,
     all_reduce_sum_,
+    check_adapter_finite,
     check_finite,
     default_loss,
     input_feature_pass,
@@ -21,6 +22,7 @@ from .statistics import (
     task_batches,
     weight_gradient_pass,
 )
+from .statistics_inputs import no_batches_error
 from .subspace import FeatureStatistics, GradientSketch
 from .tuner.config import KeepLoRAConfig
 from .tuner.model import keeplora_context
@@ -43,6 +45,7 @@ def feature_covariances(
     task_index = tuner.progress(adapter).task_index
     # the reference solver keeps float64 statistics; the fast one float32 (half the time and memory)
     dtype = torch.float64 if config.memory_solver == "eigh" else torch.float32
+    check_adapter_finite(layers, adapter, "end_task")
     batches = task_batches(dataloader, config.gradient_data_ratio, max_batches)
     if config.feature_source == "mean_gradient":
         return _mean_gradient_covariances(network, layers, batches, config, task_index, loss_fn, dtype)
@@ -65,7 +68,7 @@ def feature_covariances(
         )
         shared = {}
     if count == 0:
-        raise ValueError("end_task: the dataloader yielded no batches")
+        raise no_batches_error("end_task")
     sources = {name: shared.get(name, name) for name in layers}
     for name, source in sources.items():  # in module order: every rank must reduce the same tensors in the same order
         if source == name:
@@ -103,7 +106,7 @@ def _mean_gradient_covariances(
         model, layers, batches, loss_fn, lambda name, x, g: sketches[name].update(x, g), description="KeepLoRA feature memory"
     )
     if count == 0:
-        raise ValueError("end_task: the dataloader yielded no batches")
+        raise no_batches_error("end_task")
     reduced = {}
     for name in layers:  # in module order: every rank must reduce the same tensors in the same order
         reduced[name] = check_finite(all_reduce_sum_(sketches.pop(name).sketch), name, "feature covariance")

@@ -12,7 +12,9 @@ Only per-layer statistics are kept, never a copy of the model:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -25,7 +27,8 @@ from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from .data.collators import IGNORE_INDEX
-from .sharding import is_fully_sharded
+from .sharding import is_fully_sharded, is_partitioned, local_value
+from .statistics_inputs import checked_loss
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -42,19 +45,29 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 def task_batches(dataloader: Iterable, ratio: float, max_batches: int | None) -> Iterator[Any]:
-    """The first `max_batches` batches, or the first `ceil(ratio * len)` when no count is given."""
+    """The first `max_batches` batches, or the first `ceil(ratio * len)` when no count is given (every batch when
+    `ratio` is 1, which needs no length). Checked when called, so a bad argument is refused before any pass starts."""
     if max_batches is None:
-        try:
-            total = len(dataloader)  # type: ignore[arg-type]
-        except TypeError:
-            raise ValueError("the dataloader has no length; pass max_batches to say how many batches to use") from None
-        max_batches = max(1, math.ceil(ratio * total))
-    if max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
-    for index, batch in enumerate(dataloader):
-        if index >= max_batches:
-            return
-        yield batch
+        max_batches = _ratio_of(dataloader, ratio)
+    elif isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1:
+        raise ValueError(f"max_batches must be a positive integer, got {max_batches!r}")
+    return itertools.islice(dataloader, None if max_batches is None else int(max_batches))
+
+
+def _ratio_of(dataloader: Iterable, ratio: float) -> int | None:
+    """`ceil(ratio * len(dataloader))` batches, or None (all of them) for a ratio of 1 on data of unknown length."""
+    try:
+        total = len(dataloader)  # type: ignore[arg-type]
+    except TypeError:
+        if ratio >= 1:
+            return None
+        raise ValueError(
+            f"the dataloader ({type(dataloader).__name__}) has no len(), e.g. a DataLoader over an IterableDataset or a "
+            f"generator, so gradient_data_ratio={ratio} of its batches cannot be counted: pass max_batches=N (how many "
+            "batches the statistics pass uses), or set gradient_data_ratio=1.0 to use every batch it yields. Nothing "
+            "was changed."
+        ) from None
+    return max(1, math.ceil(ratio * total))
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -86,6 +99,36 @@ def check_finite(statistic: torch.Tensor, name: str, what: str) -> torch.Tensor:
             "data and the model's dtype range). Nothing was changed."
         )
     return statistic
+
+
+def check_adapter_finite(layers: Mapping[str, LoraLayer], adapter: str, caller: str) -> None:
+    """Refuse a task whose own LoRA weights hold NaN/inf (a diverged training step), naming the layer, before a data
+    pass would blame the task's inputs for what they cause. Each rank checks what it holds of each weight and the
+    flags are summed across ranks, so every rank refuses alike."""
+    if not layers:
+        return
+    flags = [
+        [not bool(torch.isfinite(_held(module.lora_A[adapter].weight)).all()),
+         not bool(torch.isfinite(_held(module.lora_B[adapter].weight)).all())]
+        for module in layers.values()
+    ]
+    device = next(iter(layers.values())).lora_A[adapter].weight.device
+    summed = all_reduce_sum_(torch.tensor(flags, dtype=torch.float32, device=device)).tolist()
+    broken = [(name, row) for name, row in zip(layers, summed) if any(row)]
+    if broken:
+        name, row = broken[0]
+        which = " and ".join(weight for weight, flag in zip(("lora_A", "lora_B"), row) if flag)
+        raise ValueError(
+            f"{caller}: the adapter's own weights of {name} are not finite ({which} holds NaN/inf; {len(broken)} "
+            "layer(s) in all): training diverged (too high a learning rate, or a float16 overflow), not the task's "
+            "inputs. The task is still under way and nothing was changed: train it again from its last good checkpoint "
+            "with a lower learning rate or bfloat16/float32."
+        )
+
+
+def _held(weight: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of a weight: its ZeRO-3 partition, its slice of a `DTensor`, else the weight itself."""
+    return weight.ds_tensor if is_partitioned(weight) else local_value(weight)
 
 
 def layer_seed(task_index: int, layer_index: int) -> int:
@@ -138,7 +181,7 @@ def _backward_each(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, de
         if torch.is_tensor(labels) and labels.numel() and bool((labels == IGNORE_INDEX).all()):
             unsupervised += 1
             continue
-        loss = loss_fn(model, move_to(batch, device))
+        loss = checked_loss(loss_fn(model, move_to(batch, device)), description)
         if not torch.isfinite(loss.detach()).all():
             raise ValueError(
                 f"{description}: batch {count + unsupervised} gives a non-finite loss "
