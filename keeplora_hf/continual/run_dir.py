@@ -82,6 +82,31 @@ class RunLayout:
         return self.root / TRAINER_DIR / self.slug(index)
 
 
+#: a task's directory is `NNN_<name>`, and it is written through a staging directory `.staging-NNN_<name>.old.XXXXXXXX`
+#: beside it: a name of this many UTF-8 bytes keeps that under the 255 bytes most file systems allow
+MAX_TASK_NAME_BYTES = 200
+
+
+def check_task_name(name: Any) -> None:
+    """Refuse a task name that cannot name its directories, saying which rule it breaks: checked when the task is made,
+    not when its first directory is written (after the zero-shot evaluation)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a task name must be a non-empty string, got {name!r}")
+    shown = repr(name) if len(name) <= 60 else f"{name[:40]!r}... ({len(name)} characters)"
+    size = len(name.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_TASK_NAME_BYTES:
+        problem = f"it is {size} bytes long in UTF-8, over the {MAX_TASK_NAME_BYTES} its directory name allows"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "it holds a NUL byte or another control character"
+    elif any(c in name for c in "/\\:") or name.startswith("."):
+        problem = "it holds a path separator ('/', '\\' or ':') or starts with '.'"
+    else:
+        return
+    raise ValueError(
+        f"task name {shown} cannot name a directory: {problem}. Use a short name of letters, digits, '-' and '_'."
+    )
+
+
 # -- what run.json and results.json hold -------------------------------------------------------------------------
 
 

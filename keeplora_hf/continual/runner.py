@@ -34,7 +34,7 @@ from .checkpoint import (
     read_json,
 )
 from .report import terminal_summary, write_report
-from .run_dir import ADAPTER_DIR, RunLayout, current_versions, describe_run, run_results
+from .run_dir import ADAPTER_DIR, RunLayout, check_task_name, current_versions, describe_run, run_results
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ class ContinualTask:
     train_dataset: Any
     eval_dataset: Any
     metric: Metric
+
+    def __post_init__(self) -> None:
+        check_task_name(self.name)
 
 
 @dataclass
@@ -309,8 +312,7 @@ def _validate_tasks(tasks: list[ContinualTask], general_sets: list[GeneralSet]) 
     if duplicates:
         raise ValueError(f"task and general-set names must be unique; repeated: {duplicates}")
     for task in tasks:
-        if not task.name or any(c in task.name for c in "/\\:") or task.name.startswith("."):
-            raise ValueError(f"task name {task.name!r} cannot name a directory; use letters, digits, '-' and '_'")
+        check_task_name(task.name)  # again: the name may have been changed since the task was made
         if not callable(task.metric):
             raise ValueError(f"task {task.name!r}: metric must be a callable (model, eval_dataset) -> float")
         for role, dataset in (("train", task.train_dataset), ("eval", task.eval_dataset)):

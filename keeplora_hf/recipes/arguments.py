@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..continual.run_dir import check_task_name
 from .distributed import refuse_unsupported_sharding
 
 __all__ = ["DataArguments", "ModelArguments", "RecipeArguments", "RecipeConfig", "parse_recipe_args"]
@@ -196,6 +197,11 @@ def parse_recipe_args(argv: Sequence[str] | None = None) -> RecipeConfig:
     tasks = sections["tasks"] or []
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) and t.get("name") for t in tasks):
         raise ValueError(f"{config_path}: `tasks:` must be a non-empty list of mappings, each with a `name`")
+    for task in tasks:  # before any data is loaded: a name is first used as a directory after the zero-shot evaluation
+        try:
+            check_task_name(task["name"])
+        except ValueError as error:
+            raise ValueError(f"{config_path}: {error}") from None
     general = sections["general_sets"] or []
     if not isinstance(general, list) or not all(isinstance(g, dict) and g.get("name") for g in general):
         raise ValueError(f"{config_path}: `general_sets:` must be a list of mappings, each with a `name`")
