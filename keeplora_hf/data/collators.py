@@ -32,7 +32,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from ..models.processors import llava_chat_template
 from .formats import IMAGE_MARKER, VIDEO_MARKER
-from .rows import DataFormatError, row_name, source_of
+from .rows import DataFormatError, row_name, source_of, too_many_pixels
 from .video import read_frames
 
 __all__ = [
@@ -73,11 +73,17 @@ def content_blocks(content: str) -> list[dict[str, str]]:
 
 
 def _load_image(image: str | Image.Image) -> Image.Image:
-    """An RGB image from a path (file closed at once) or a PIL image."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    with Image.open(image) as opened:
-        return opened.convert("RGB")
+    """An RGB image from a path (file closed at once) or a PIL image; a `ValueError` naming the file if it cannot be."""
+    try:
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise ValueError(too_many_pixels(image, error)) from None
+    except (OSError, UnidentifiedImageError) as error:  # e.g. a truncated file whose header was fine
+        where = "a PIL image" if isinstance(image, Image.Image) else f"image file {str(image)!r}"
+        raise ValueError(f"{where} is damaged or not an image ({error})") from None
 
 
 def _row_id(row: dict, position: int) -> str:
@@ -237,8 +243,8 @@ class VLMChatCollator:
             loaded.append(items)
         try:
             images = [_load_image(i) for i in loaded[0]]
-        except (OSError, UnidentifiedImageError) as error:  # e.g. a truncated file whose header was fine
-            raise ValueError(f"row {_row_id(row, position)}: an image cannot be decoded ({error})") from error
+        except ValueError as error:
+            raise ValueError(f"row {_row_id(row, position)}: an image cannot be decoded: {error}") from error
         videos = [v if isinstance(v, np.ndarray) else read_frames(v, self.num_frames) for v in loaded[1]]
         return images, videos
 

@@ -26,6 +26,7 @@ __all__ = [
     "read_rows",
     "row_name",
     "source_of",
+    "too_many_pixels",
 ]
 
 _MAX_LISTED_ERRORS = 20
@@ -111,8 +112,18 @@ def image_problem(path: Path) -> str | None:
     try:
         with Image.open(path):
             return None
+    except Image.DecompressionBombError as error:
+        return too_many_pixels(path, error)
     except (UnidentifiedImageError, OSError) as error:
         return f"image file {str(path)!r} cannot be read ({error})"
+
+
+def too_many_pixels(path: object, error: Image.DecompressionBombError) -> str:
+    """Why PIL refused to open `path`, and what to do: its guard against decompression bombs caps the pixel count."""
+    return (
+        f"image file {str(path)!r} has too many pixels to open ({error} The limit is twice PIL.Image.MAX_IMAGE_PIXELS = "
+        f"{Image.MAX_IMAGE_PIXELS}): downscale the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+    )
 
 
 def checked_dataset(rows: list[dict], features: datasets.Features, source: str) -> datasets.Dataset:
