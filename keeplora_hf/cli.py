@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from .baselines import DEFAULT_METHODS, METHODS
 from .cli_analyze import add_analyze_parser
 from .cli_push import add_export_parser, add_push_parser
+from .cli_types import integer
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -59,24 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="keeplora-demo", help="where results, plots and checkpoints go")
     demo.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                       help=f"methods to compare, or 'all'; choices: {', '.join(METHODS)}")
-    demo.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...); the summary gives mean ± std")
+    demo.add_argument("--seeds", type=integer(1), default=1, help="number of seeds (0, 1, ...); the summary gives mean ± std")
     demo.add_argument("--video", action="store_true", help="also run the video sequence on a tiny LLaVA-NeXT-Video")
     demo.add_argument("--model", default=None, help="a pre-trained demo model directory (default: the shipped one)")
     demo.add_argument("--overwrite", action="store_true", help="replace results of a run with other settings")
     demo.add_argument("--task-order", default=None, metavar="A,B,...",
                       help="the image tasks, comma-separated, in the order they are learned (default: the README's)")
-    demo.add_argument("--orders", type=int, default=1,
+    demo.add_argument("--orders", type=integer(1), default=1,
                       help="also run N-1 fixed random permutations of the task order; the summary gives the spread")
-    demo.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic benchmark data")
+    demo.add_argument("--data-seed", type=integer(0), default=0, help="seed of the synthetic benchmark data")
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                       help="the base model's dtype (bfloat16: as 7B models are trained; the adapters stay float32)")
     demo.set_defaults(func=_demo)
 
     pre = sub.add_parser("pretrain", help="pre-train the demo VLM on the general synthetic corpus")
     pre.add_argument("--output-dir", required=True)
-    pre.add_argument("--steps", type=int, default=2500)
-    pre.add_argument("--batch-size", type=int, default=48)
-    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--steps", type=integer(1), default=2500)
+    pre.add_argument("--batch-size", type=integer(1), default=48)
+    pre.add_argument("--seed", type=integer(0), default=0)
     pre.set_defaults(func=_pretrain)
     add_analyze_parser(sub)
     add_push_parser(sub)

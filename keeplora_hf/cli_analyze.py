@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .cli_types import auto_or, integer, number
+
 logger = logging.getLogger(__name__)
 
 # The LoRA probe's default task: the demo model learns it fully within the probe's 40 steps (0 -> 100 %), so the
@@ -56,32 +58,32 @@ def add_analyze_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     analyze.add_argument("--output-dir", required=True, help="where analysis.json, summary.md and the plots go")
     analyze.add_argument("--tasks", nargs="+", default=list(IMAGE_TASKS),
                          help=f"synthetic image tasks to evaluate, or 'none' (default: all of {', '.join(IMAGE_TASKS)})")
-    analyze.add_argument("--energies", nargs="+", type=float, default=list(DEFAULT_ENERGIES),
+    analyze.add_argument("--energies", nargs="+", type=number(0.0, 1.0), default=list(DEFAULT_ENERGIES),
                          help="principal energy levels of the intra-layer measurement")
-    analyze.add_argument("--eval-size", type=int, default=60,
+    analyze.add_argument("--eval-size", type=integer(1), default=60,
                          help="samples per general skill and per task (synthetic sets); with --recipe, the first "
                          "rows of each eval set")
     analyze.add_argument("--targets", default=None,
                          help="regex (fullmatch) of the weights to analyse (default: the demo's language targets, "
                          "every attention and MLP projection of the language model)")
-    analyze.add_argument("--groups", type=int, default=4, help="depth groups per transformer stack")
-    analyze.add_argument("--perturb-scale", default="auto",
+    analyze.add_argument("--groups", type=integer(1), default=4, help="depth groups per transformer stack")
+    analyze.add_argument("--perturb-scale", default="auto", type=auto_or(number(0.0, low_open=True)),
                          help="norm of the per-group residual noise relative to ||W||_F ('auto': the first of 0.5, 1, "
                          "2, 4, 8, 16 that, applied to every target, removes a quarter of the general knowledge)")
-    analyze.add_argument("--inter-energy", default="auto",
+    analyze.add_argument("--inter-energy", default="auto", type=auto_or(number(0.0, 1.0)),
                          help="eps_w whose residual subspace the inter-layer measurement perturbs "
                          "('auto': the recommended eps_w)")
-    analyze.add_argument("--reset-energy", default="auto",
+    analyze.add_argument("--reset-energy", default="auto", type=auto_or(number(0.0, 1.0)),
                          help="energy a group is reset to ('auto': the largest tested energy below --inter-energy "
                          "at which resetting every target loses general knowledge)")
     analyze.add_argument("--finetune-task", default=None,
                          help=f"the task of the LoRA probe ('none' to skip; default: {DEFAULT_PROBE_TASK} when among "
                          "--tasks, else the first of --tasks; with --train-json, the eval set it trains for; with "
                          "--recipe, one of its tasks, the first by default)")
-    analyze.add_argument("--finetune-steps", type=int, default=40)
-    analyze.add_argument("--finetune-rank", type=int, default=8)
-    analyze.add_argument("--finetune-lr", type=float, default=3e-3)
-    analyze.add_argument("--finetune-batch-size", type=int, default=16)
+    analyze.add_argument("--finetune-steps", type=integer(1), default=40)
+    analyze.add_argument("--finetune-rank", type=integer(1), default=8)
+    analyze.add_argument("--finetune-lr", type=number(0.0, low_open=True), default=3e-3)
+    analyze.add_argument("--finetune-batch-size", type=integer(1), default=16)
     analyze.add_argument("--no-reconstruct", action="store_true",
                          help="skip the fine-tuned model's principal-only reconstruction")
     analyze.add_argument("--eval-json", action="append", default=None, metavar="NAME=FILE",
@@ -90,10 +92,10 @@ def add_analyze_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     analyze.add_argument("--train-json", default=None, metavar="FILE",
                          help="the LoRA probe's training data in the LLaVA JSON format (with --finetune-task NAME)")
     analyze.add_argument("--image-folder", default=".", help="where the images of --eval-json / --train-json are")
-    analyze.add_argument("--max-length", type=int, default=128, help="the collator's max_length")
-    analyze.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
-    analyze.add_argument("--seed", type=int, default=0, help="data, noise and LoRA seed")
-    analyze.add_argument("--threads", type=int, default=None,
+    analyze.add_argument("--max-length", type=integer(1), default=128, help="the collator's max_length")
+    analyze.add_argument("--batch-size", type=integer(1), default=64, help="evaluation batch size")
+    analyze.add_argument("--seed", type=integer(0), default=0, help="data, noise and LoRA seed")
+    analyze.add_argument("--threads", type=integer(1), default=None,
                          help="CPU threads for torch (default: torch's choice; 1 is often faster on a shared machine)")
     analyze.set_defaults(func=run_analyze)
     return analyze
@@ -151,18 +153,14 @@ def _json_eval_sets(specs: Sequence[str], image_folder: str, collator: Any, batc
     return sets
 
 
-def _auto_or_float(value: str) -> float | str:
-    return value if value == "auto" else float(value)
-
-
 def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
     options = {
-        "energies": args.energies, "groups": args.groups, "inter_energy": _auto_or_float(args.inter_energy),
-        "perturb_scale": _auto_or_float(args.perturb_scale), "reset_energy": _auto_or_float(args.reset_energy),
+        "energies": args.energies, "groups": args.groups, "inter_energy": args.inter_energy,
+        "perturb_scale": args.perturb_scale, "reset_energy": args.reset_energy,
         "output_dir": args.output_dir, "seed": args.seed,
     }
     probe = {
