@@ -21,7 +21,7 @@ from ..subspace import squared_singular_values
 from ..tuner.layer import layer_state
 from ..tuner.model import STATE_KEY, keeplora_layers, tuner_of
 from ..tuner.weights import base_weight
-from .repo import hub_model_id, open_run, revision_name
+from .repo import check_local_folder, hub_model_id, open_run, revision_name
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,8 @@ def _load_base(name_or_path: str) -> nn.Module:
     """A pre-trained model by Hub id or local path, of the class its config names (LlavaForConditionalGeneration...)."""
     import transformers
 
+    check_local_folder(name_or_path, "base model")
+    name_or_path = os.path.expanduser(name_or_path)
     try:
         config = transformers.AutoConfig.from_pretrained(name_or_path)
         architecture = (getattr(config, "architectures", None) or [None])[0]

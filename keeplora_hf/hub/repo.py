@@ -44,10 +44,11 @@ def open_run(
     """A run from a local directory, or from a Hub repo id (downloaded with `snapshot_download`, cache-aware)."""
     if isinstance(run_or_repo, RunInfo):
         return run_or_repo
-    path = Path(run_or_repo)
+    name = str(run_or_repo)
+    path = Path(name).expanduser()
     if path.exists():
         return read_run(path)
-    name = str(run_or_repo)
+    check_local_folder(name, "run")
     try:
         validate_repo_id(name)
     except HFValidationError as error:
@@ -86,6 +87,22 @@ def check_repo_id(repo_id: str) -> str:
     if not repo_id:
         raise ValueError("the Hub repo id is empty; use 'namespace/name'")
     return repo_id
+
+
+def check_local_folder(name: str, what: str) -> None:
+    """Refuse `name` when it can only be a local path (not a Hub id) and no such folder exists, rather than let the
+    Hub client call it a malformed repo id. A Hub id is 'name' or 'namespace/name': a name that starts with '.', '~' or
+    a root, has more than one separator, or whose parent folder exists here is a path."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return
+    parts = Path(name).parts
+    if name.startswith((".", "~")) or os.path.isabs(name) or len(parts) > 2 or (len(parts) == 2 and path.parent.is_dir()):
+        resolved = f" ({path.resolve()})" if str(path.resolve()) != name else ""
+        raise ValueError(
+            f"{what} folder not found: {name}{resolved}: it is neither a {what} directory nor a valid Hub repo id. Give "
+            "the path of an existing folder, or a Hub id 'namespace/name'."
+        )
 
 
 def hub_offline() -> bool:
