@@ -41,7 +41,7 @@ from .tuner.state_sharding import (
     release_unowned_,
     state_owners,
 )
-from .tuner.truth import check_unchanged, record_frozen_response
+from .tuner.truth import check_lora_A_in_residual, check_unchanged, record_frozen_response, refuse_rounded_merges
 from .tuner.weights import base_weight, is_quantized, merges_exactly, weight_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def begin_task(
     progress = tuner.progress(adapter)
     if progress.in_task:
         raise RuntimeError(f"begin_task: task {progress.task_index} is already under way; call end_task first")
-    _refuse_rounded_merges(layers, adapter)
+    refuse_rounded_merges(layers, adapter)
     network = getattr(model, "module", model)
     owners = state_owners(network, layers)
     release_unowned_(layers, adapter, owners)
@@ -156,21 +156,6 @@ def begin_task(
             progress.task_index,
             sorted(config.modules_to_save),
         )
-
-
-def _refuse_rounded_merges(layers: dict[str, LoraLayer], adapter: str) -> None:
-    """Finished tasks merged into a float32 weight that was cast since to a 16-bit dtype were rounded with it: the model
-    no longer computes what `learned_update` reports."""
-    for name, module in layers.items():
-        state = layer_state(module, adapter)
-        if state.merged_tasks and not merges_exactly(module):
-            dtype = module.get_base_layer().weight.dtype
-            raise RuntimeError(
-                f"{name} has {state.merged_tasks} finished tasks merged into its base weight, which is now {dtype}: the "
-                "cast rounded them, so the model no longer computes the updates KeepLoRA reports. Reload the base in "
-                "float32 with the saved adapter (PeftModel.from_pretrained), or train on a 16-bit base from the start "
-                "(finished tasks then stay a float32 branch)."
-            )
 
 
 def _first_task_states(
@@ -321,7 +306,7 @@ def end_task(
     merge = {name: _merges(config, module, name) for name, module in layers.items()}  # refused before any change
     owners = state_owners(model, layers)
     release_unowned_(layers, adapter, owners)
-    _check_lora_A_in_residual(layers, adapter, owners, config.train_lora_A)
+    check_lora_A_in_residual(layers, adapter, owners, config.train_lora_A)
     for name, module in layers.items():
         check_unchanged(module, name, adapter, layer_state(module, adapter))
 
@@ -351,39 +336,6 @@ def end_task(
         state.task_open, state.task_probe, state.task_hooks = False, None, None
     tuner.keeplora_progress[adapter] = TaskProgress(progress.task_index + 1, in_task=False)
     logger.info("KeepLoRA: finished task %d", progress.task_index)
-
-
-def _check_lora_A_in_residual(
-    layers: dict[str, LoraLayer], adapter: str, owners: Owners | None, trained: bool
-) -> None:
-    """`A` must still lie in the residual subspace: re-projected after every step when it trains, untouched when it
-    does not. Refuse to keep a task whose `A` left it. Each layer is checked by its owner and the worst share is
-    shared, so every rank refuses alike."""
-    worst = (0.0, "")  # (|A P| / |A|, layer) of the worst layer this rank checked
-    for name, module in layers.items():
-        lora_A = full_value(module.lora_A[adapter].weight).float()  # a gather when sharded: every rank joins
-        if owns(owners, name) and lora_A.norm() > 0:
-            share = float(layer_state(module, adapter).subspace().project_onto(lora_A).norm() / lora_A.norm())
-            worst = max(worst, (share, name))
-    if owners is not None:
-        everyone: list[tuple[float, str] | None] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(everyone, worst)
-        worst = max(everyone)
-    share, name = worst
-    if share > 1e-4 and not trained:
-        raise RuntimeError(
-            f"lora_A of {name} left its residual subspace during the task (|A P| / |A| = {share:.2g}), although "
-            "train_lora_A is False: something changed it (a cast of its dtype, an optimizer given lora_A, "
-            "set_requires_grad). The task is still under way and nothing was changed; resume from the last checkpoint "
-            "saved before the change, or set train_lora_A=True to train A with its projection."
-        )
-    if share > 1e-4:
-        raise RuntimeError(
-            f"lora_A of {name} left its residual subspace (|A P| / |A| = {share:.2g}): with "
-            "train_lora_A=True every optimizer step must re-project it. Call "
-            "keeplora_hf.attach_residual_projection(optimizer, model) once in a custom loop (KeepLoRATrainer and "
-            "KeepLoRACallback do it). The task is still under way and nothing was changed."
-        )
 
 
 def _merges(config: KeepLoRAConfig, module: LoraLayer, name: str) -> bool:

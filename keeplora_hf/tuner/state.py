@@ -77,27 +77,23 @@ class KeepLoRALayerState(nn.Module):
             ("finished_A", None),
             ("finished_B", None),
             ("fingerprint", None),
-            ("task_probe", None),  # the layer's frozen response at begin_task, for end_task's truth check (`truth.py`)
+            ("task_probe", None),  # the base response at begin_task, for end_task's truth check (`truth.py`)
         ):
             self.register_buffer(name, value, persistent=False)
         self._task_ranks: list[int] = []
         self._task_scalings: list[float] = []
         self.tasks = [] if tasks is None else tasks
         self.merged_tasks = len(self._task_ranks) if merged_tasks is None else merged_tasks
-        #: whether a task is under way on this layer (begin_task to end_task), for the warning of `tuner/layer.py`
-        self.task_open = False
-        #: the foreign forward hooks on the layer at begin_task (`tuner/truth.py`), within this process
-        self.task_hooks: tuple[str, ...] | None = None
+        # a task under way here (the warning of `tuner/layer.py`); foreign hooks at its start (`tuner/truth.py`)
+        self.task_open, self.task_hooks = False, None
         self._subspace: Subspace | None = None
         self._branch: tuple[torch.Tensor, torch.Tensor, float | None] | None = None
         self._origin: tuple[weakref.ref, str] | None = None
 
     def extra_repr(self) -> str:
         layout = "bases" if self.complement is None else "complement" if self._principal is None else "principal+complement"
-        return (
-            f"p={self.principal_rank}, m={self.memory_rank}, stored_as={layout}, tasks={len(self._task_ranks)}, "
-            f"merged={self.merged_tasks}"
-        )
+        tasks = f"tasks={len(self._task_ranks)}, merged={self.merged_tasks}"
+        return f"p={self.principal_rank}, m={self.memory_rank}, stored_as={layout}, {tasks}"
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ARG002 - the state has no submodules
         """Follow the model to another device, never to another dtype (`model.half()` keeps the state exact)."""

@@ -6,7 +6,8 @@ hook added to the layer) would make them report something the model does not com
 target's frozen response, its base weight on two fixed random directions (`weights.weight_response`), and the forward
 hooks on the layer; `end_task` measures them again and refuses, naming the layer and the gap, before changing anything.
 The response is saved with the adapter (`task_probe`), so a resumed task is checked too; hooks are checked within a
-process only.
+process only. Beside it: `A` must still lie in the residual subspace at end_task, and finished tasks merged into a
+float32 weight must not have been rounded by a cast since (checked at begin_task).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora import LoraLayer
 
-from .layer import BRANCH_HOOKS
+from ..sharding import full_value
+from .layer import BRANCH_HOOKS, layer_state
 from .state import KeepLoRALayerState
-from .weights import fingerprint_probes, weight_response
+from .state_sharding import Owners, owns
+from .weights import fingerprint_probes, merges_exactly, weight_response
 
 #: a layer's frozen response may move by this share of the learned update's response (float32 rounding of the
 #: products), plus `RESPONSE_TOLERANCE` of its own size
@@ -80,3 +83,51 @@ def foreign_hooks(module: LoraLayer) -> tuple[str, ...]:
 
 def probe_directions(module: LoraLayer, device: torch.device) -> torch.Tensor:
     return fingerprint_probes(module.get_base_layer().in_features, device)
+
+
+def check_lora_A_in_residual(
+    layers: dict[str, LoraLayer], adapter: str, owners: Owners | None, trained: bool
+) -> None:
+    """`A` must still lie in the residual subspace: re-projected after every step when it trains, untouched when it
+    does not. Refuse to keep a task whose `A` left it. Each layer is checked by its owner and the worst share is
+    shared, so every rank refuses alike."""
+    worst = (0.0, "")  # (|A P| / |A|, layer) of the worst layer this rank checked
+    for name, module in layers.items():
+        lora_A = full_value(module.lora_A[adapter].weight).float()  # a gather when sharded: every rank joins
+        if owns(owners, name) and lora_A.norm() > 0:
+            share = float(layer_state(module, adapter).subspace().project_onto(lora_A).norm() / lora_A.norm())
+            worst = max(worst, (share, name))
+    if owners is not None:
+        everyone: list[tuple[float, str] | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, worst)
+        worst = max(everyone)
+    share, name = worst
+    if share > 1e-4 and not trained:
+        raise RuntimeError(
+            f"lora_A of {name} left its residual subspace during the task (|A P| / |A| = {share:.2g}), although "
+            "train_lora_A is False: something changed it (a cast of its dtype, an optimizer given lora_A, "
+            "set_requires_grad). The task is still under way and nothing was changed; resume from the last checkpoint "
+            "saved before the change, or set train_lora_A=True to train A with its projection."
+        )
+    if share > 1e-4:
+        raise RuntimeError(
+            f"lora_A of {name} left its residual subspace (|A P| / |A| = {share:.2g}): with "
+            "train_lora_A=True every optimizer step must re-project it. Call "
+            "keeplora_hf.attach_residual_projection(optimizer, model) once in a custom loop (KeepLoRATrainer and "
+            "KeepLoRACallback do it). The task is still under way and nothing was changed."
+        )
+
+
+def refuse_rounded_merges(layers: dict[str, LoraLayer], adapter: str) -> None:
+    """Finished tasks merged into a float32 weight that was cast since to a 16-bit dtype were rounded with it: the model
+    no longer computes what `learned_update` reports."""
+    for name, module in layers.items():
+        state = layer_state(module, adapter)
+        if state.merged_tasks and not merges_exactly(module):
+            dtype = module.get_base_layer().weight.dtype
+            raise RuntimeError(
+                f"{name} has {state.merged_tasks} finished tasks merged into its base weight, which is now {dtype}: the "
+                "cast rounded them, so the model no longer computes the updates KeepLoRA reports. Reload the base in "
+                "float32 with the saved adapter (PeftModel.from_pretrained), or train on a 16-bit base from the start "
+                "(finished tasks then stay a float32 branch)."
+            )
