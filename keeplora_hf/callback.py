@@ -27,6 +27,7 @@ from .lifecycle import begin_task, end_task
 from .projection import project_lora_A_
 from .sharding import has_partitioned_parameters
 from .statistics import LossFn, default_loss
+from .statistics_inputs import dataset_length
 from .tuner.model import drop_prefetched_state, keeplora_layers, prefetch_continual_state, tuner_of
 from .tuner.state_sharding import release_unowned_, state_owners
 
@@ -146,7 +147,7 @@ def statistics_dataloader(train_dataloader: DataLoader, ratio: float, args: Any)
     shards its own, and the statistics are summed across ranks by the lifecycle.
     """
     dataset = train_dataloader.dataset
-    size = len(dataset)
+    size = dataset_length(dataset, "KeepLoRACallback")
     count = max(1, math.ceil(ratio * size))
     generator = torch.Generator().manual_seed(args.seed)
     indices = sorted(torch.randperm(size, generator=generator)[:count].tolist())

@@ -17,6 +17,7 @@ from .sharding import assign_, full_value, zero_
 from .statistics import (
     LossFn,
     all_reduce_sum_,
+    check_adapter_finite,
     check_finite,
     default_loss,
     layer_seed,
@@ -24,6 +25,7 @@ from .statistics import (
     task_batches,
     weight_gradient_pass,
 )
+from .statistics_inputs import no_batches_error
 from .subspace import GradientSketch, Subspace, memory_directions, principal_basis, residual_directions
 from .subspace.basis import EXACT_DTYPES, WORK_DTYPE
 from .tuner.config import KeepLoRAConfig, state_torch_dtype
@@ -238,7 +240,7 @@ def _gradient_directions(
 
         count = output_gradient_pass(model, layers, batches, loss_fn, update, description=description)
     if count == 0:
-        raise ValueError("begin_task: the dataloader yielded no batches")
+        raise no_batches_error("begin_task")
     missing = sorted(set(layers) - received)
     if missing:
         raise RuntimeError(f"begin_task: the loss does not depend on these targets, so no gradient reached them: {missing[:5]}")
@@ -306,6 +308,7 @@ def end_task(
     merge = {name: _merges(config, module, name) for name, module in layers.items()}  # refused before any change
     owners = state_owners(model, layers)
     release_unowned_(layers, adapter, owners)
+    check_adapter_finite(layers, adapter, "end_task")
     check_lora_A_in_residual(layers, adapter, owners, config.train_lora_A)
     for name, module in layers.items():
         check_unchanged(module, name, adapter, layer_state(module, adapter))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from ..subspace.memory import MEMORY_SOLVERS
 from ..subspace.principal import PRINCIPAL_SOLVERS
+from .adapter_files import check_adapter_files
 from .lora_fields import check_patterns, refuse_unverified_fields
 from .peft_type import KEEPLORA_PEFT_TYPE
 from .weights import merges_exactly
@@ -230,6 +232,15 @@ class KeepLoRAConfig(LoraConfig):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
         check_patterns(self)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load the config and, for a local folder, check its weights file against it before PEFT reads the weights:
+        a truncated file or a hand-edited `r` is named with the file and the layer (`tuner/adapter_files.py`)."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        check_adapter_files(os.path.join(pretrained_model_name_or_path, subfolder or ""), config)
+        return config
+
 
 def state_torch_dtype(config: KeepLoRAConfig, module: nn.Module) -> torch.dtype:
     """The torch dtype of `config.state_dtype` for the target `module` ('auto' follows its base weight)."""

@@ -111,6 +111,34 @@ def test_a_rank_pattern_saved_as_such_passes(tmp_path):
     check_adapter_files(tmp_path, KeepLoRAConfig.from_pretrained(tmp_path))
 
 
+@pytest.mark.parametrize("damage", ["truncated", "r_edited"])
+def test_peft_model_from_pretrained_names_the_damaged_file(saved_adapter, tmp_path, damage):
+    from peft import PeftModel
+
+    from keeplora_hf.models import build_tiny
+
+    folder = _copy(saved_adapter, tmp_path)
+    if damage == "truncated":
+        data = (folder / WEIGHTS).read_bytes()
+        (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
+    else:
+        _edit_config(folder, r=8)
+    with pytest.raises(ValueError, match=re.escape(str(folder / WEIGHTS))):
+        PeftModel.from_pretrained(build_tiny("llava").model, folder)
+
+
+def test_end_task_blames_a_nan_lora_B_on_its_layer():
+    from keeplora_hf import end_task
+
+    model, batches, _ = wrap("llava")
+    begin_task(model, batches)
+    name, module = list(targets(model).items())[3]
+    module.lora_B["default"].weight.data.fill_(float("nan"))
+    with pytest.raises(ValueError, match=rf"own weights of {name} are not finite"):
+        end_task(model, batches)
+    assert model.base_model.progress("default").in_task
+
+
 # -- 2. the adapter's own weights are not finite --------------------------------------------------------------------
 
 
