@@ -98,11 +98,17 @@ def test_non_finite_inputs_at_end_task_name_the_cause_and_keep_the_state():
 # -- the export never destroys anything --------------------------------------------------------------------------
 
 
-def test_export_refuses_a_non_empty_target_and_never_replaces_a_run(tmp_path):
+def _learned_model():
+    """A tiny model after one finished task, and its batches."""
     model, batches = _model()
     begin_task(model, batches)
     _learn(model, batches)
     end_task(model, batches)
+    return model, batches
+
+
+def test_export_refuses_a_non_empty_target_and_never_replaces_a_run(tmp_path):
+    model, batches = _learned_model()
     target = tmp_path / "out"
     target.mkdir()
     (target / "notes.txt").write_text("mine")
@@ -121,10 +127,7 @@ def test_export_refuses_a_non_empty_target_and_never_replaces_a_run(tmp_path):
 
 
 def test_overwrite_replaces_only_a_previous_export(tmp_path):
-    model, batches = _model()
-    begin_task(model, batches)
-    _learn(model, batches)
-    end_task(model, batches)
+    model, batches = _learned_model()
     holder = tmp_path / "runs"
     (holder / "seq1").mkdir(parents=True)  # a run one level down
     (holder / "seq1" / "run.json").write_text("{}")
@@ -181,10 +184,7 @@ def test_atomic_writes_get_the_default_mode(tmp_path):
 
 
 def _saved(tmp_path):
-    model, batches = _model()
-    begin_task(model, batches)
-    _learn(model, batches)
-    end_task(model, batches)
+    model, batches = _learned_model()
     model.save_pretrained(tmp_path)
     return tmp_path / "adapter_model.safetensors", batches
 

@@ -214,13 +214,18 @@ def test_the_truth_check_survives_a_save_and_load_mid_task(tmp_path):
         end_task(reloaded, batches)
 
 
+def _cast(model, batches, dtype: torch.dtype) -> list[dict]:
+    """`model.to(dtype)` as a user would, and the batches' floating inputs with it."""
+    model.to(dtype)
+    return [{k: v.to(dtype) if v.is_floating_point() else v for k, v in b.items()} for b in batches]
+
+
 # -- 7. dtype casts --------------------------------------------------------------------------------------------------------
 
 
 def test_a_cast_after_wrapping_keeps_the_factors_float32_and_the_guarantee(device):
     model, batches, _ = wrap("llava", device=device)
-    model.to(torch.bfloat16)
-    batches = [{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in b.items()} for b in batches]
+    batches = _cast(model, batches, torch.bfloat16)
     factors = [p for n, p in model.named_parameters() if "lora_" in n]
     assert factors and all(p.dtype == torch.float32 for p in factors)
     begin_task(model, batches)
@@ -237,8 +242,7 @@ def test_a_cast_after_wrapping_keeps_the_factors_float32_and_the_guarantee(devic
 def test_a_float32_base_cast_after_its_tasks_merged_is_refused_at_the_next_task():
     model, batches, _ = wrap("llava")
     _task(model, batches)
-    model.to(torch.bfloat16)
-    batches = [{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in b.items()} for b in batches]
+    batches = _cast(model, batches, torch.bfloat16)
     with pytest.raises(RuntimeError, match="merged into its base weight, which is now torch.bfloat16"):
         begin_task(model, batches)
 
@@ -247,8 +251,7 @@ def test_a_cast_in_the_middle_of_a_task_is_refused_at_end_task():
     model, batches, _ = wrap("llava")
     begin_task(model, batches)
     learn(model, batches)
-    model.to(torch.bfloat16)
-    batches = [{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in b.items()} for b in batches]
+    batches = _cast(model, batches, torch.bfloat16)
     with pytest.raises(RuntimeError, match="changed during the task"):
         end_task(model, batches)
 
