@@ -40,8 +40,8 @@ def response_gap(module: LoraLayer, adapter: str, state: KeepLoRALayerState) -> 
         return None
     now = weight_response(module)
     before = state.task_probe.to(now.device)
-    lora_A = module.lora_A[adapter].weight.detach().float()
-    lora_B = module.lora_B[adapter].weight.detach().float()
+    lora_A = full_value(module.lora_A[adapter].weight).float()  # gathered when sharded: every rank calls this
+    lora_B = full_value(module.lora_B[adapter].weight).float()
     probes = probe_directions(module, now.device)
     learned = float(module.scaling[adapter]) * (lora_B @ (lora_A @ probes))
     floor = UPDATE_TOLERANCE * learned.norm() + RESPONSE_TOLERANCE * before.norm()
