@@ -55,7 +55,13 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     export.add_argument("run_dir", help="the runner's output directory, or a pushed run's Hub repo id")
     export.add_argument("out", help="the directory to write the plain LoRA adapter to (empty or absent)")
-    export.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty (never a run)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it holds a previous export (nothing else)")
+    form = export.add_mutually_exclusive_group()
+    form.add_argument("--language-model-only", action="store_true",
+                      help="the LoRA of the language model's targets only (what vLLM and SGLang serve), with a merged "
+                      "base checkpoint in OUT/base_model for everything else the run changed")
+    form.add_argument("--merged", action="store_true",
+                      help="one full checkpoint with every learned task folded in (from_pretrained, any server)")
     export.add_argument("--after-task", type=int, default=None, metavar="K",
                         help="export the first K tasks (1..learned; default: all learned tasks)")
     export.add_argument("--base-model", default=None, help=_BASE_HELP)
@@ -92,9 +98,12 @@ def _export(args: argparse.Namespace) -> None:
 
     try:
         out = export_run(args.run_dir, args.out, after_task=args.after_task, base_model=args.base_model,
-                         revision=args.revision, overwrite=args.overwrite)
+                         revision=args.revision, overwrite=args.overwrite, merged=args.merged,
+                         language_model_only=args.language_model_only)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, HubOfflineError) as error:
         raise SystemExit(f"keeplora-hf export: error: {error}") from None
-    config = read_json(Path(out) / ADAPTER_FILES[0])
-    ranks = sorted(set(config.get("rank_pattern", {}).values()) or {config["r"]})
-    print(f"wrote a plain LoRA (rank {'/'.join(map(str, ranks))}) to {out}")
+    if args.merged:
+        print(f"wrote a merged checkpoint to {out}")
+    else:
+        config = read_json(Path(out) / ADAPTER_FILES[0])
+        print(f"wrote a plain LoRA (rank {config['r']}: --max-lora-rank {config['r']} to serve it) to {out}")

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..continual.run_dir import ADAPTER_FILES, RunInfo
-from ..export import export_lora
+from ..export import export_lora, export_merged
 from ..subspace import squared_singular_values
 from ..tuner.layer import layer_state
 from ..tuner.model import STATE_KEY, keeplora_layers, tuner_of
@@ -220,14 +220,40 @@ def _first_tasks(model: nn.Module, count: int) -> Iterator[None]:
             state.merged_tasks = merged
 
 
-def export_after(model: PeftModel, index: int, out: Path, overwrite: bool) -> Path:
-    """`export_lora` of the first `index` finished tasks: exact, since each task's update is stored on its own."""
+def export_after(
+    model: PeftModel,
+    index: int,
+    out: Path,
+    overwrite: bool,
+    *,
+    merged: bool = False,
+    language_model_only: bool = False,
+    processor_from: str | os.PathLike | None = None,
+) -> Path:
+    """The export of the first `index` finished tasks (`export_lora`, or `export_merged`): exact, since each task's
+    update is stored on its own."""
     tuner = tuner_of(model)
     progress = tuner.progress(tuner.keeplora_adapter())
-    if index == progress.task_index:
-        return export_lora(model, out, overwrite=overwrite)
     if index > progress.task_index or progress.in_task:
         raise ValueError(f"cannot export the first {index} tasks of a model that has learned {progress.task_index}")
-    with _first_tasks(model, index):
-        return export_lora(model, out, overwrite=overwrite)
 
+    def export() -> Path:
+        if merged:
+            return export_merged(model, out, overwrite=overwrite, processor_from=processor_from)
+        return export_lora(
+            model, out, overwrite=overwrite, language_model_only=language_model_only, processor_from=processor_from
+        )
+
+    if index == progress.task_index:
+        return export()
+    if merged or language_model_only:  # a merged checkpoint needs the weights as they were after task `index`
+        merged_layers = [m for m in keeplora_layers(tuner.model, tuner.keeplora_adapter()).values() if m.keeplora_state[
+            tuner.keeplora_adapter()].merged_tasks]
+        if merged_layers:
+            raise ValueError(
+                f"this run keeps no adapter after task {index}, and its later tasks are merged into its float32 "
+                "weights, so a merged checkpoint of the first tasks cannot be rebuilt; export the plain LoRA of the "
+                "first tasks (without --merged / --language-model-only), or every learned task"
+            )
+    with _first_tasks(model, index):
+        return export()

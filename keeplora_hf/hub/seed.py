@@ -97,8 +97,12 @@ def export_run(
     revision: str | None = None,
     token: str | bool | None = None,
     overwrite: bool = False,
+    merged: bool = False,
+    language_model_only: bool = False,
 ) -> Path:
-    """Write the plain LoRA of the first `after_task` tasks (default: all learned), rank `after_task * r`.
+    """Write the plain LoRA of the first `after_task` tasks (default: all learned), rank `after_task * r` (or, with
+    `merged` / `language_model_only`, the exports of `keeplora_hf.export` of the same name, with the tokenizer and
+    processor files of a local base-model folder).
 
     Rebuilt from the adapter after that task when the run keeps it; otherwise from the last adapter, whose state
     holds every finished task's update exactly, keeping only the first `after_task` of them. `out` must not be the
@@ -112,7 +116,12 @@ def export_run(
     index = info.checked_task(after_task)
     source = index if index in info.adapters else info.learned
     model = load_run(info, base_model, after_task=source, is_trainable=False)
-    return export_after(model, index, Path(out), overwrite)
+    recorded = model.peft_config[model.active_adapter].base_model_name_or_path
+    source_folder = base_model if isinstance(base_model, (str, os.PathLike)) else recorded
+    return export_after(
+        model, index, Path(out), overwrite, merged=merged, language_model_only=language_model_only,
+        processor_from=source_folder,
+    )
 
 
 def _extended_config(info: RunInfo, tasks: Sequence[Any]) -> tuple[dict[str, Any], int]:

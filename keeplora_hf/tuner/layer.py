@@ -24,7 +24,7 @@ def layer_state(module: LoraLayer, adapter_name: str) -> KeepLoRALayerState:
     if states is None:
         states = module.keeplora_state = nn.ModuleDict()
         # PEFT's delete_adapter drops every adapter-keyed container it is told of: the state is one
-        module.other_param_names = (*type(module).other_param_names, STATE_ATTR)
+        module.other_param_names = (*module.other_param_names, STATE_ATTR)  # keeping what PEFT added per layer
         module.register_forward_pre_hook(_open_branch)
         module.register_forward_hook(_close_branch, always_call=True)
         module.get_base_layer().register_forward_hook(_add_branch)

@@ -19,7 +19,8 @@ from conftest import FakeHfApi, fresh_base, logits, tree_digest
 
 MAIN_FILES = {
     "README.md", "adapter_config.json", "adapter_model.safetensors", "plain_lora/adapter_config.json",
-    "plain_lora/adapter_model.safetensors", "results.json", "report.md", "heatmap_keeplora++.png",
+    "plain_lora/adapter_model.safetensors", "plain_lora/README.md", "plain_lora/keeplora_export.json",
+    "results.json", "report.md", "heatmap_keeplora++.png",
     "accuracy_over_time_keeplora++.png", "run.json", "row_000.json", "tasks/001_rule0/row.json",
     "tasks/002_rule1/row.json",
 }
@@ -71,7 +72,7 @@ def test_push_is_one_commit_with_adapter_state_export_results_plots_and_our_card
     assert "import keeplora_hf" in card.text
 
     plain = json.loads(commit["added"]["plain_lora/adapter_config.json"])
-    assert plain["peft_type"] == "LORA" and set(plain["rank_pattern"].values()) == {8}  # 2 tasks x r=4
+    assert plain["peft_type"] == "LORA" and plain["r"] == 8  # 2 tasks x r=4
     assert tree_digest(toy_run) == before
 
 
@@ -126,7 +127,7 @@ def test_per_task_revisions_hold_the_state_after_each_task(toy_run, tmp_path, ki
     ).read_bytes()
     assert "tasks/002_rule1/row.json" in first["deleted"]  # inherited from main, not part of the state after task 1
     plain = json.loads(first["added"]["plain_lora/adapter_config.json"])
-    assert set(plain["rank_pattern"].values()) == {4}
+    assert plain["r"] == 4
     card = card_of(first["added"], tmp_path)
     assert "the state after task 1 of 2 (rule0)" in card.text and 'revision="task-001-rule0"' in card.text
     assert "| after rule1 | – | – | – |" in card.text
