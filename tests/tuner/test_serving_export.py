@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from transformers import AutoConfig
 from keeplora_hf import begin_task, end_task
 from keeplora_hf.export import MERGED_BASE_DIR, export_lora, export_merged
 from keeplora_hf.models import build_tiny
+from keeplora_hf.serving_check import apply_like_a_server
 
 from keeplora_setups import learn, outputs, wrap
 
@@ -40,24 +40,12 @@ def _two_tasks(name: str, dtype: torch.dtype, **overrides):
 
 
 def serve_like_vllm(base: torch.nn.Module, folder: Path) -> torch.nn.Module:
-    """Apply a LoRA the way vLLM's and SGLang's loaders do: only r, lora_alpha, target_modules and use_rslora are
-    read; every layer gets `scale * B A x` added to its output, in float32, cast to the output's dtype."""
+    """The LoRA applied as vLLM's and SGLang's loaders do (`keeplora_hf.serving_check`), after checking the one rank
+    every layer must have."""
     config = json.loads((folder / "adapter_config.json").read_text())
-    scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
-    tensors = load_file(folder / "adapter_model.safetensors")
-    for key, lora_A in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module_name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-        lora_B = tensors[key.replace("lora_A", "lora_B")]
-        assert lora_A.shape[0] == config["r"] == lora_B.shape[1], key  # one rank for every layer
-
-        def add(module, args, output, lora_A=lora_A, lora_B=lora_B):
-            delta = scale * (args[0].float() @ lora_A.T.to(args[0].device)) @ lora_B.T.to(args[0].device)
-            return (output.float() + delta).to(output.dtype)
-
-        base.get_submodule(module_name).register_forward_hook(add)
-    return base
+    for key, value in load_file(folder / "adapter_model.safetensors").items():
+        assert value.shape[0 if ".lora_A." in key else 1] == config["r"], key
+    return apply_like_a_server(base, folder)
 
 
 def _tolerance(expected: torch.Tensor) -> float:
