@@ -28,8 +28,8 @@ def layer_updates(module: LoraLayer, adapter: str) -> list[FinishedTask]:
     lora_B = module.lora_B[adapter].weight
     if is_sharded(lora_B):  # reading it would be a collective, and an export runs on the main process only
         raise ValueError(
-            "exporting reads the live adapter, which FSDP2 or ZeRO-3 shards across ranks; export from the saved adapter "
-            "instead (keeplora-hf export RUN OUT, or load it into an unsharded model)"
+            "export_lora / export_merged reads the live adapter, which FSDP2 or ZeRO-3 shards across ranks; export "
+            "from the saved adapter instead (keeplora-hf export RUN OUT, or load it into an unsharded model)"
         )
     updates = list(layer_state(module, adapter).tasks)
     if bool(lora_B.detach().abs().sum() > 0):
@@ -47,10 +47,10 @@ def write_merged_checkpoint(
     quantized = [name for name, module in layers.items() if is_quantized(module)]
     if quantized:
         raise ValueError(
-            f"cannot write a merged checkpoint of a quantized base ({quantized[0]} and {len(quantized) - 1} more): load "
-            "the base in bfloat16 or float32 with the saved adapter, then export"
+            f"cannot write a merged checkpoint of a quantized base ({quantized[0]} and {len(quantized) - 1} more): "
+            "load the base in bfloat16 or float32 with the saved adapter, then export"
         )
-    weights = {f"{name}.weight": _target_weight(module, adapter, merge=name in folded) for name, module in layers.items()}
+    weights = {f"{name}.weight": _target_weight(m, adapter, merge=name in folded) for name, m in layers.items()}
     state = {}
     for key, value in tuner.model.state_dict().items():
         plain = _base_key(key, adapter)
@@ -72,13 +72,16 @@ def _target_weight(module: LoraLayer, adapter: str, *, merge: bool) -> torch.Ten
     return (weight.float() - merged_delta(updates[: state.merged_tasks]).to(weight.device)).to(weight.dtype)
 
 
+#: module names under which a PEFT-wrapped model keeps adapter tensors, never written into a base checkpoint
+ADAPTER_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "keeplora_state")
+
+
 def _base_key(key: str, adapter: str) -> str | None:
     """The name `key` of the PEFT-wrapped model has in the plain base model (None: an adapter tensor, not written)."""
     module_name, _, tensor = key.rpartition(".")
     parts = module_name.split(".")
-    for marker in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "keeplora_state"):
-        if marker in parts:
-            return None
+    if any(marker in parts for marker in ADAPTER_MARKERS):
+        return None
     if "original_module" in parts:  # a ModulesToSaveWrapper's frozen copy: the trained one is written instead
         return None
     if "modules_to_save" in parts:

@@ -88,7 +88,7 @@ def test_two_sharded_processes_learn_what_one_learns(tmp_path, tmp_path_factory,
     assert all(ones[k].norm() > 0 for k in ones)
     worst = max(float((ones[k] - twos[k]).norm() / ones[k].norm()) for k in ones)
     assert worst <= UPDATE_TOLERANCE[dtype], worst
-    assert "EXPORT_REFUSED export_lora reads the live adapter, which FSDP2 or ZeRO-3 shards" in result.stdout
+    assert "EXPORT_REFUSED export_lora / export_merged reads the live adapter, which FSDP2 or ZeRO-3 shards" in result.stdout
 
 
 def test_a_rank_killed_mid_task_resumes_to_the_same_matrix(tmp_path, tmp_path_factory):
