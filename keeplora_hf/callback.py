@@ -14,13 +14,13 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import PartialState
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader, Subset
-from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .lifecycle import begin_task, end_task
@@ -30,6 +30,9 @@ from .statistics import LossFn, default_loss
 from .statistics_inputs import dataset_length
 from .tuner.model import drop_prefetched_state, keeplora_layers, prefetch_continual_state, tuner_of
 from .tuner.state_sharding import release_unowned_, state_owners
+
+if TYPE_CHECKING:  # transformers.Trainer loads datasets and torchvision: not at import
+    from transformers import Trainer
 
 
 class KeepLoRACallback(TrainerCallback):
@@ -116,7 +119,7 @@ class KeepLoRACallback(TrainerCallback):
         """Finish the task trained by the last `train()`, on the same statistics subset `begin_task` used."""
         if self._statistics is None:
             raise RuntimeError("end_task: this callback has not seen a train() yet, so there is no task to finish")
-        model = trainer_or_model.model if isinstance(trainer_or_model, Trainer) else trainer_or_model
+        model = trainer_or_model if isinstance(trainer_or_model, torch.nn.Module) else trainer_or_model.model
         end_task(model, self._statistics, max_batches=len(self._statistics), loss_fn=self.loss_fn)
 
 

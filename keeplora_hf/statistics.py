@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from .data.collators import IGNORE_INDEX
+from .constants import IGNORE_INDEX
 from .sharding import is_fully_sharded, is_partitioned, local_value
 from .statistics_inputs import checked_loss
 

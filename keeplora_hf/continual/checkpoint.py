@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -13,45 +12,45 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from filelock import FileLock, Timeout
 from transformers.trainer_callback import TrainerState
 
 STAGING_PREFIX = ".staging-"
 LOCK_FILE = ".lock"
+#: what the lock leaves in a run directory (the lock, and who holds it): not part of a run
+LOCK_FILES = (LOCK_FILE, f"{LOCK_FILE}.holder")
 
 
 class RunLock:
-    """An advisory lock (`flock`) on a run directory's `.lock`, held while one runner works in it.
+    """An advisory lock on a run directory's `.lock` (`filelock`: `flock` on POSIX, `msvcrt` on Windows), held while
+    one runner works in it, with who holds it in `.lock.holder`.
 
-    The kernel drops it when its process ends, even by `kill -9`, so a resumed run never finds a stale lock.
+    The operating system drops it when its process ends, even by `kill -9`, so a resumed run never finds a stale lock.
     """
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        self._file: IO[str] | None = None
+        self._lock: FileLock | None = None
 
     def acquire(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(self.run_dir / LOCK_FILE, "a+")
+        lock = FileLock(self.run_dir / LOCK_FILE)
+        holder = self.run_dir / LOCK_FILES[1]
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
+            lock.acquire(timeout=0)
+        except Timeout:
+            who = holder.read_text().strip() if holder.is_file() else ""
             raise RuntimeError(
-                f"{self.run_dir} is in use by another runner ({holder}): wait for it to finish, or choose another "
-                "output directory"
+                f"{self.run_dir} is in use by another runner ({who or 'another process'}): wait for it to finish, or "
+                "choose another output directory"
             ) from None
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        self._file = handle
+        holder.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self._lock = lock
 
     def release(self) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 @contextlib.contextmanager

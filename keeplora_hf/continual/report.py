@@ -11,14 +11,14 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from .checkpoint import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 from .metrics import METRIC_NAMES, as_accuracy_matrix, check_general, compute_all
 
 RESULTS_FILE = "results.json"
@@ -72,10 +72,21 @@ def _checked(matrix: Any, tasks: Sequence[str]) -> np.ndarray:
 
 
 def new_figure(width: float, height: float) -> Figure:
-    """A figure on the Agg canvas: no display needed and pyplot's global backend left alone."""
+    """A figure on the Agg canvas: no display needed and pyplot's global backend left alone (matplotlib loads here,
+    when a plot is made, not with the package)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure
+
+
+def colormap(name: str):
+    """A matplotlib colormap by name."""
+    import matplotlib
+
+    return matplotlib.colormaps[name]
 
 
 def save_png(figure: Figure, path: str | Path) -> Path:
@@ -90,7 +101,7 @@ def save_heatmap(matrix: Any, tasks: Sequence[str], path: str | Path, title: str
     T = len(tasks)
     figure = new_figure(max(4.5, 1.8 + 0.8 * T), max(3.0, 1.2 + 0.45 * (T + 1)))
     ax = figure.add_subplot()
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    cmap = colormap("viridis").with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(R * 100), cmap=cmap, vmin=0, vmax=100, aspect="auto")
     fontsize = 9 if T <= 8 else 7
     for (row, column), value in np.ndenumerate(R):
@@ -116,7 +127,7 @@ def save_accuracy_over_time(
     general = general or {}
     check_general(general, R.shape[0])
     steps = np.arange(R.shape[0])
-    colours = matplotlib.colormaps["tab10" if len(tasks) + len(general) <= 10 else "tab20"]
+    colours = colormap("tab10" if len(tasks) + len(general) <= 10 else "tab20")
     figure = new_figure(max(6.0, 2.5 + 0.7 * len(steps)), 4.5)
     ax = figure.add_subplot()
     for column, task in enumerate(tasks):

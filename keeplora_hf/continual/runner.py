@@ -26,7 +26,7 @@ from ..sharding import has_partitioned_parameters, is_fully_sharded
 from ..trainer import KeepLoRATrainer
 from ..tuner.model import KeepLoRAModel
 from .checkpoint import (
-    LOCK_FILE,
+    LOCK_FILES,
     RunLock,
     atomic_directory,
     atomic_write_json,
@@ -246,7 +246,7 @@ class ContinualRunner:
                         "output directory"
                     )
                 replace = True
-        elif self.output_dir.exists() and any(p.name != LOCK_FILE for p in self.output_dir.iterdir()) and not overwrite:
+        elif self.output_dir.exists() and any(p.name not in LOCK_FILES for p in self.output_dir.iterdir()) and not overwrite:
             raise ValueError(f"{self.output_dir} is not empty and holds no KeepLoRA run; choose an empty directory")
         self.state.wait_for_everyone()  # every rank has judged the directory before the main process changes it
         if self.state.is_main_process:
@@ -254,7 +254,7 @@ class ContinualRunner:
                 for entry in self.output_dir.iterdir():
                     if entry.is_dir():
                         shutil.rmtree(entry)
-                    elif entry.name != LOCK_FILE:
+                    elif entry.name not in LOCK_FILES:
                         entry.unlink()
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if not run_file.exists():

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from ..constants import IGNORE_INDEX
 from ..models.processors import llava_chat_template
 from .formats import IMAGE_MARKER, VIDEO_MARKER
 from .rows import DataFormatError, row_name, source_of, too_many_pixels
@@ -44,7 +45,6 @@ __all__ = [
     "validate_lengths",
 ]
 
-IGNORE_INDEX = -100
 # Which inputs each family's model takes. "llava" covers LLaVA-1.5 and LLaVA-NeXT (pixel_values + image_sizes).
 MODEL_FAMILIES: dict[str, frozenset[str]] = {
     "llava": frozenset({"images"}),
