@@ -25,7 +25,7 @@ from peft import get_peft_model
 from keeplora_hf import KeepLoRAConfig, attach_residual_projection, begin_task, end_task
 from keeplora_hf.continual.metrics import compute_all
 from keeplora_hf.models import build_tiny
-from keeplora_hf.statistics import default_loss, input_feature_pass, output_gradient_pass, weight_gradient_pass
+from keeplora_hf.tuner.statistics import default_loss, input_feature_pass, output_gradient_pass, weight_gradient_pass
 from keeplora_hf.subspace import FeatureStatistics, GradientSketch, Subspace, memory_directions, principal_basis
 from keeplora_hf.subspace import residual_directions
 from keeplora_hf.tuner.model import keeplora_context

@@ -20,8 +20,8 @@ from collections import defaultdict
 
 import torch
 
-import keeplora_hf.feature_memory as feature_memory
-import keeplora_hf.lifecycle as lifecycle
+import keeplora_hf.tuner.feature_memory as feature_memory
+import keeplora_hf.tuner.lifecycle as lifecycle
 from keeplora_hf import begin_task, end_task
 from measure import configure_threads, timed, write_result
 from setups import batches, bench_model, keeplora, optimizer_for, train_step

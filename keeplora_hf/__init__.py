@@ -11,8 +11,8 @@ from typing import Any
 
 from .export import export_lora
 from .callback import KeepLoRACallback
-from .lifecycle import begin_task, end_task, learned_update, protected_basis
-from .projection import attach_residual_projection, project_lora_A_
+from .tuner.lifecycle import begin_task, end_task, learned_update, protected_basis
+from .tuner.projection import attach_residual_projection, project_lora_A_
 from .tuner import KEEPLORA_PEFT_TYPE, KeepLoRAConfig, KeepLoRAModel
 
 __version__ = "0.1.0"

@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader, Subset
 from transformers.trainer_callback import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .lifecycle import begin_task, end_task
-from .projection import project_lora_A_
+from .tuner.lifecycle import begin_task, end_task
+from .tuner.projection import project_lora_A_
 from .sharding import has_partitioned_parameters
-from .statistics import LossFn, default_loss
-from .statistics_inputs import dataset_length
+from .tuner.statistics import LossFn, default_loss
+from .tuner.statistics_inputs import dataset_length
 from .tuner.model import drop_prefetched_state, keeplora_layers, prefetch_continual_state, tuner_of
 from .tuner.state_sharding import release_unowned_, state_owners
 

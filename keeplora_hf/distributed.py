@@ -15,16 +15,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .sharding import is_fully_sharded
-from .statistics import all_reduce_sum_
+from .process_group import all_reduce_sum_, rank_and_world
 
 __all__ = ["gather_lists", "rank_and_world", "sharded_scores"]
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the initialised process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def gather_lists(items: list[Any]) -> list[Any]:

@@ -7,7 +7,7 @@ from typing import Any
 from transformers import Trainer
 
 from .callback import KeepLoRACallback
-from .statistics import LossFn, default_loss
+from .tuner.statistics import LossFn, default_loss
 
 
 class KeepLoRATrainer(Trainer):

@@ -77,7 +77,7 @@ def train_lora(model: nn.Module, names: Sequence[str], spec: FinetuneSpec, batch
     """Train a plain peft LoRA on `names` only; returns the peft model (merge=False) or the merged base model."""
     from peft import LoraConfig, get_peft_model
 
-    from ..statistics import move_to
+    from ..tuner.statistics import move_to
 
     pattern = "|".join(re.escape(n) for n in names)
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha(), lora_dropout=0.0, target_modules=f"^(?:{pattern})$")

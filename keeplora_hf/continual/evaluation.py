@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..statistics import move_to
+from ..tuner.statistics import move_to
 
 IGNORE_INDEX = -100
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..data.collators import VLMChatCollator
 from ..distributed import sharded_scores
-from ..statistics import move_to
+from ..tuner.statistics import move_to
 
 __all__ = [
     "NORMALIZERS",

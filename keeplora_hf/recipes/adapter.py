@@ -9,7 +9,7 @@ from typing import Any
 
 from peft import PeftModel
 
-from ..lifecycle import first_task_state
+from ..tuner.lifecycle import first_task_state
 from ..tuner.config import KeepLoRAConfig
 from ..tuner.layer import layer_state, set_layer_state
 from ..tuner.model import keeplora_layers, tuner_of

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..data.collators import ClipCollator
 from ..distributed import sharded_scores
-from ..statistics import move_to
+from ..tuner.statistics import move_to
 
 __all__ = ["TaskClipCollator", "clip_loss", "clip_zero_shot_metric"]
 

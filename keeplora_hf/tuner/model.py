@@ -23,7 +23,7 @@ _FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
 class KeepLoRAModel(LoraModel):
-    """The KEEPLORA tuner. Training-time behaviour lives in `keeplora_hf.lifecycle`; this class owns the layers.
+    """The KEEPLORA tuner. Training-time behaviour lives in `keeplora_hf.tuner.lifecycle`; this class owns the layers.
 
     LoRA's layers are reused unchanged: the layer scale `s_l` is folded into each layer's `scaling`, `lora_A` is
     frozen unless `train_lora_A`, and the per-layer `KeepLoRALayerState` rides along on the layer.

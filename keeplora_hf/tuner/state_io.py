@@ -11,7 +11,7 @@ import torch
 from peft import PeftConfig
 from peft.tuners.lora import LoraLayer
 
-from ..distributed import rank_and_world
+from ..process_group import rank_and_world
 from .layer import layer_state, set_layer_state
 from .finished import FinishedTask
 from .state import KeepLoRALayerState

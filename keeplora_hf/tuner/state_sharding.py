@@ -21,7 +21,7 @@ import torch.distributed as dist
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from ..distributed import rank_and_world
+from ..process_group import rank_and_world
 from ..sharding import full_value, is_fully_sharded, is_sharded
 from .layer import layer_state
 from .state import KeepLoRALayerState, Layout

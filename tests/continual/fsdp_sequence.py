@@ -34,7 +34,7 @@ from torch.utils.data import default_collate  # noqa: E402
 import keeplora_hf  # noqa: E402
 from keeplora_hf import export_lora, protected_basis  # noqa: E402
 from keeplora_hf.continual.evaluation import answer_exact_match  # noqa: E402
-from keeplora_hf.lifecycle import learned_update  # noqa: E402
+from keeplora_hf.tuner.lifecycle import learned_update  # noqa: E402
 from keeplora_hf.models import build_tiny  # noqa: E402
 from keeplora_hf.sharding import local_value  # noqa: E402
 from keeplora_hf.tuner.layer import layer_state  # noqa: E402

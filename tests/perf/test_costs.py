@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from keeplora_hf import KeepLoRAConfig, begin_task
-from keeplora_hf.statistics import input_feature_pass
+from keeplora_hf.tuner.statistics import input_feature_pass
 
 WIDTH, DEPTH, TOKENS = 512, 6, 256
 

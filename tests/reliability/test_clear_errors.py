@@ -29,11 +29,11 @@ from keeplora_hf.data import (  # noqa: E402
     load_classification,
     load_llava_json,
 )
-from keeplora_hf.feature_memory import feature_covariances  # noqa: E402
+from keeplora_hf.tuner.feature_memory import feature_covariances  # noqa: E402
 from keeplora_hf.hub import load_run  # noqa: E402
 from keeplora_hf.models import build_tiny_processor  # noqa: E402
-from keeplora_hf.statistics import check_adapter_finite  # noqa: E402
-from keeplora_hf.statistics_inputs import dataset_length  # noqa: E402
+from keeplora_hf.tuner.statistics import check_adapter_finite  # noqa: E402
+from keeplora_hf.tuner.statistics_inputs import dataset_length  # noqa: E402
 from keeplora_hf.tuner.adapter_files import check_adapter_files  # noqa: E402
 
 WEIGHTS = "adapter_model.safetensors"

@@ -94,7 +94,7 @@ VERIFIED_SETTINGS = {
 @pytest.mark.parametrize("setting", sorted(VERIFIED_SETTINGS))
 def test_a_verified_field_keeps_the_guarantee_and_round_trips(tmp_path, caplog, setting, dtype):
     model, batches, tiny = wrap("llava", dtype=dtype, **VERIFIED_SETTINGS[setting])
-    with caplog.at_level(logging.WARNING, logger="keeplora_hf.lifecycle"):
+    with caplog.at_level(logging.WARNING, logger="keeplora_hf.tuner.lifecycle"):
         begin_task(model, batches)
     if setting == "modules_to_save":  # trained fully, outside any protection: said at every task
         assert "multi_modal_projector" in caplog.text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from keeplora_hf import begin_task, end_task
-from keeplora_hf.feature_memory import feature_covariances
+from keeplora_hf.tuner.feature_memory import feature_covariances
 
 from keeplora_setups import targets, wrap
 

@@ -16,7 +16,7 @@ from keeplora_hf.tuner.state_io import state_checksum
 
 from keeplora_hf import KeepLoRAConfig, attach_residual_projection, begin_task, end_task, protected_basis
 from keeplora_hf.models import build_tiny
-from keeplora_hf.statistics import default_loss, input_feature_pass, output_gradient_pass, weight_gradient_pass
+from keeplora_hf.tuner.statistics import default_loss, input_feature_pass, output_gradient_pass, weight_gradient_pass
 from keeplora_hf.subspace import principal_basis, squared_singular_values
 from keeplora_hf.tuner.state import KeepLoRALayerState
 from peft import PeftModel

@@ -12,28 +12,23 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .feature_memory import feature_covariances
-from .sharding import assign_, full_value, zero_
-from .statistics import (
-    LossFn,
-    all_reduce_sum_,
-    check_adapter_finite,
-    check_finite,
-    default_loss,
-    layer_seed,
-    output_gradient_pass,
-    task_batches,
-    weight_gradient_pass,
+from ..process_group import all_reduce_sum_
+from ..sharding import assign_, full_value, zero_
+from ..subspace import (
+    GradientSketch,
+    Subspace,
+    memory_directions,
+    principal_basis,
+    residual_directions,
 )
-from .statistics_inputs import no_batches_error
-from .subspace import GradientSketch, Subspace, memory_directions, principal_basis, residual_directions
-from .subspace.basis import EXACT_DTYPES, WORK_DTYPE
-from .tuner.config import KeepLoRAConfig, state_torch_dtype
-from .tuner.layer import layer_state, set_layer_state
-from .tuner.model import TaskProgress, keeplora_context
-from .tuner.finished import FinishedTask, merged_delta
-from .tuner.state import KeepLoRALayerState
-from .tuner.state_sharding import (
+from ..subspace.basis import EXACT_DTYPES, WORK_DTYPE
+from .config import KeepLoRAConfig, state_torch_dtype
+from .feature_memory import feature_covariances
+from .finished import FinishedTask, merged_delta
+from .layer import layer_state, set_layer_state
+from .model import TaskProgress, keeplora_context
+from .state import KeepLoRALayerState
+from .state_sharding import (
     Owners,
     adopt_owners_layouts_,
     complete_from_owners,
@@ -43,8 +38,24 @@ from .tuner.state_sharding import (
     release_unowned_,
     state_owners,
 )
-from .tuner.truth import check_lora_A_in_residual, check_unchanged, record_frozen_response, refuse_rounded_merges
-from .tuner.weights import base_weight, is_quantized, merges_exactly, weight_fingerprint
+from .statistics import (
+    LossFn,
+    check_adapter_finite,
+    check_finite,
+    default_loss,
+    layer_seed,
+    output_gradient_pass,
+    task_batches,
+    weight_gradient_pass,
+)
+from .statistics_inputs import no_batches_error
+from .truth import (
+    check_lora_A_in_residual,
+    check_unchanged,
+    record_frozen_response,
+    refuse_rounded_merges,
+)
+from .weights import base_weight, is_quantized, merges_exactly, weight_fingerprint
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from .constants import IGNORE_INDEX
-from .sharding import is_fully_sharded, is_partitioned, local_value
+from ..constants import IGNORE_INDEX
+from ..process_group import all_reduce_sum_
+from ..sharding import is_fully_sharded, is_partitioned, local_value
 from .statistics_inputs import checked_loss
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -82,13 +83,6 @@ def move_to(batch: Any, device: torch.device) -> Any:
 
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over data-parallel ranks (a no-op in one process), so every rank derives the same subspaces."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
 
 
 def check_finite(statistic: torch.Tensor, name: str, what: str) -> torch.Tensor:

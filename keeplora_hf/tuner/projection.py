@@ -6,10 +6,10 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .sharding import assign_, full_value, is_partitioned, local_value
-from .tuner.layer import layer_state
-from .tuner.model import LAYER_CACHE_ATTR, keeplora_layers, tuner_of
-from .tuner.state_sharding import from_owner, owns, state_owners
+from ..sharding import assign_, full_value, is_partitioned, local_value
+from .layer import layer_state
+from .model import LAYER_CACHE_ATTR, keeplora_layers, tuner_of
+from .state_sharding import from_owner, owns, state_owners
 
 
 def project_lora_A_(model: nn.Module) -> None:

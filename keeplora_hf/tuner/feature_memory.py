@@ -10,9 +10,12 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from ..process_group import all_reduce_sum_
+from ..subspace import FeatureStatistics, GradientSketch
+from .config import KeepLoRAConfig
+from .model import keeplora_context
 from .statistics import (
     LossFn,
-    all_reduce_sum_,
     check_adapter_finite,
     check_finite,
     default_loss,
@@ -23,9 +26,6 @@ from .statistics import (
     weight_gradient_pass,
 )
 from .statistics_inputs import no_batches_error
-from .subspace import FeatureStatistics, GradientSketch
-from .tuner.config import KeepLoRAConfig
-from .tuner.model import keeplora_context
 
 #: keeps the memory sketch's random matrix apart from the gradient sketch's of the same task and layer
 _MEMORY_SEED_OFFSET = 500_009
