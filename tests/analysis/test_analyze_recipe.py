@@ -15,7 +15,7 @@ import yaml
 
 from keeplora_hf.recipes import tasks as recipe_tasks
 from keeplora_hf.analysis import analyze_recipe
-from keeplora_hf.cli_analyze import main
+from keeplora_hf.cli.analyze import main
 from keeplora_hf.models import build_tiny
 from keeplora_hf.models.tiny import matching_modules
 

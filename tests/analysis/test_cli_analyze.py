@@ -8,7 +8,7 @@ import json
 import pytest
 
 from keeplora_hf.analysis import DEFAULT_ENERGIES
-from keeplora_hf.cli_analyze import add_analyze_parser, demo_eval_sets, main
+from keeplora_hf.cli.analyze import add_analyze_parser, demo_eval_sets, main
 from keeplora_hf.data.collators import VLMChatCollator
 from keeplora_hf.data.synthetic.tasks import GENERAL_SKILLS, IMAGE_TASKS, TASK_SPECS
 from keeplora_hf.models.demo import build_demo_model, build_demo_processor

@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from peft import PeftModel
 
 import keeplora_hf.hub.push as hub_push
-from keeplora_hf.cli_push import add_export_parser, add_push_parser
+from keeplora_hf.cli.push import add_export_parser, add_push_parser
 from keeplora_hf.models import build_tiny
 
 from conftest import FakeHfApi, fresh_base, logits, tree_digest

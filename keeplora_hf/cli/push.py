@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .continual.checkpoint import read_json
-from .continual.run_dir import ADAPTER_FILES, ROW_ZERO, RUN_FILE, TASKS_DIR
+from ..continual.checkpoint import read_json
+from ..continual.run_dir import ADAPTER_FILES, ROW_ZERO, RUN_FILE, TASKS_DIR
 
 _BASE_HELP = (
     "the pre-trained model the run started from, as a Hub id or a local directory, to rebuild the run for the "
@@ -71,7 +71,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 
 def _push(args: argparse.Namespace) -> None:
-    from .hub import HubOfflineError, push_run
+    from ..hub import HubOfflineError, push_run
 
     try:
         result = push_run(
@@ -94,7 +94,7 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .hub import HubOfflineError, export_run
+    from ..hub import HubOfflineError, export_run
 
     try:
         out = export_run(args.run_dir, args.out, after_task=args.after_task, base_model=args.base_model,

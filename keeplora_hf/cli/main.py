@@ -6,14 +6,14 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from .baselines import DEFAULT_METHODS, METHODS
-from .cli_analyze import add_analyze_parser
-from .cli_push import add_export_parser, add_push_parser
-from .cli_types import integer
+from ..baselines import DEFAULT_METHODS, METHODS
+from .analyze import add_analyze_parser
+from .push import add_export_parser, add_push_parser
+from .arg_types import integer
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import DemoSettings, run_demo
+    from ..demo import DemoSettings, run_demo
 
     methods = tuple(METHODS) if args.methods == ["all"] else tuple(args.methods)
     run_demo(
@@ -33,7 +33,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _task_order(text: str) -> list[str]:
-    from .data.synthetic.tasks import IMAGE_TASKS
+    from ..data.synthetic.tasks import IMAGE_TASKS
 
     order = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in order if t not in IMAGE_TASKS]
@@ -46,7 +46,7 @@ def _task_order(text: str) -> list[str]:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from .models.pretrain import PretrainSettings, pretrain
+    from ..models.pretrain import PretrainSettings, pretrain
 
     report = pretrain(args.output_dir, PretrainSettings(steps=args.steps, batch_size=args.batch_size, seed=args.seed))
     print({skill: f"{100 * value:.1f}%" for skill, value in report["general_suite"].items()})

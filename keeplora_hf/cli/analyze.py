@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cli_types import auto_or, integer, number
+from .arg_types import auto_or, integer, number
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ _FAMILIES = {
 
 def add_analyze_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """`keeplora-hf analyze --model DIR --output-dir DIR [--tasks ...] [--energies ...] [--eval-size N] ...`."""
-    from .analysis import DEFAULT_ENERGIES
-    from .data.synthetic.tasks import IMAGE_TASKS
+    from ..analysis import DEFAULT_ENERGIES
+    from ..data.synthetic.tasks import IMAGE_TASKS
 
     analyze = subparsers.add_parser(
         "analyze",
@@ -106,7 +106,7 @@ def _load(path: str | None) -> tuple[Any, Any, str]:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from .models.demo import SHIPPED_CHECKPOINT, load_demo_model
+    from ..models.demo import SHIPPED_CHECKPOINT, load_demo_model
 
     location = Path(path) if path is not None else SHIPPED_CHECKPOINT
     model_type = AutoConfig.from_pretrained(location).model_type if (location / "config.json").exists() else "llava"
@@ -124,9 +124,9 @@ def _load(path: str | None) -> tuple[Any, Any, str]:
 
 def demo_eval_sets(collator: Any, tasks: Sequence[str], eval_size: int, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
     """`general/<skill>` for each general skill and one set per image task, `eval_size` samples each, collated once."""
-    from .analysis import precollated_eval_set
-    from .data.synthetic.tasks import GENERAL_SKILLS, TASK_SPECS, general_eval_suite, make_task
-    from .models.pretrain import chat_rows
+    from ..analysis import precollated_eval_set
+    from ..data.synthetic.tasks import GENERAL_SKILLS, TASK_SPECS, general_eval_suite, make_task
+    from ..models.pretrain import chat_rows
 
     suite = general_eval_suite(eval_size * len(GENERAL_SKILLS), seed=seed)
     sets = {}
@@ -140,8 +140,8 @@ def demo_eval_sets(collator: Any, tasks: Sequence[str], eval_size: int, seed: in
 
 
 def _json_eval_sets(specs: Sequence[str], image_folder: str, collator: Any, batch_size: int) -> dict[str, Any]:
-    from .analysis import precollated_eval_set
-    from .data.formats import load_llava_json
+    from ..analysis import precollated_eval_set
+    from ..data.formats import load_llava_json
 
     sets = {}
     for spec in specs:
@@ -174,7 +174,7 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _analyze_recipe(args: argparse.Namespace, options: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
-    from .analysis import analyze_recipe
+    from ..analysis import analyze_recipe
 
     given = [flag for flag, value in (("--model", args.model), ("--targets", args.targets),
                                       ("--eval-json", args.eval_json), ("--train-json", args.train_json)) if value]
@@ -189,11 +189,11 @@ def _analyze_recipe(args: argparse.Namespace, options: dict[str, Any], probe: di
 
 
 def _analyze_model(args: argparse.Namespace, options: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
-    from .analysis import FinetuneSpec, analyze
-    from .data.collators import VLMChatCollator
-    from .data.synthetic.tasks import TASK_SPECS, make_task
-    from .models.demo import DEMO_LANGUAGE_TARGETS
-    from .models.pretrain import chat_rows
+    from ..analysis import FinetuneSpec, analyze
+    from ..data.collators import VLMChatCollator
+    from ..data.synthetic.tasks import TASK_SPECS, make_task
+    from ..models.demo import DEMO_LANGUAGE_TARGETS
+    from ..models.pretrain import chat_rows
 
     if args.data_root:
         raise SystemExit("--data_root is the data folder of a recipe: it needs --recipe")
@@ -214,7 +214,7 @@ def _analyze_model(args: argparse.Namespace, options: dict[str, Any], probe: dic
         task = DEFAULT_PROBE_TASK if DEFAULT_PROBE_TASK in tasks else tasks[0]
     if task is not None and task != "none":
         if args.train_json:
-            from .data.formats import load_llava_json
+            from ..data.formats import load_llava_json
 
             train = [dict(row) for row in load_llava_json(args.train_json, args.image_folder)]
         elif task in TASK_SPECS:
@@ -226,7 +226,7 @@ def _analyze_model(args: argparse.Namespace, options: dict[str, Any], probe: dic
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """`python -m keeplora_hf.cli_analyze ...`, until `keeplora-hf analyze` is wired into `keeplora_hf.cli`."""
+    """`python -m keeplora_hf.cli.analyze ...`, until `keeplora-hf analyze` is wired into `keeplora_hf.cli`."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="keeplora-hf")
     add_analyze_parser(parser.add_subparsers(dest="command", required=True))
