@@ -11,6 +11,7 @@ from contextvars import ContextVar
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .finished import TASK_DTYPE
 from .state import KeepLoRALayerState
@@ -18,16 +19,31 @@ from .state import KeepLoRALayerState
 STATE_ATTR = "keeplora_state"
 
 
+class LayerStates(nn.ModuleDict):
+    """A target's `keeplora_state`: its adapters' states, and the handles of the hooks that apply their branches,
+    removed with the last state (`delete_adapter`) or the layer (`merge_and_unload`, `unload`)."""
+
+    def __init__(self, module: LoraLayer) -> None:
+        super().__init__()
+        self.hooks: list[RemovableHandle] = [
+            module.register_forward_pre_hook(_open_branch),
+            module.register_forward_hook(_close_branch, always_call=True),
+            module.get_base_layer().register_forward_hook(_add_branch),
+        ]
+
+    def remove_hooks(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []
+
+
 def layer_state(module: LoraLayer, adapter_name: str) -> KeepLoRALayerState:
     """The adapter's state on `module`, created (empty, on the layer's device) the first time it is asked for."""
     states = module._modules.get(STATE_ATTR)
     if states is None:
-        states = module.keeplora_state = nn.ModuleDict()
+        states = module.keeplora_state = LayerStates(module)
         # PEFT's delete_adapter drops every adapter-keyed container it is told of: the state is one
         module.other_param_names = (*module.other_param_names, STATE_ATTR)  # keeping what PEFT added per layer
-        module.register_forward_pre_hook(_open_branch)
-        module.register_forward_hook(_close_branch, always_call=True)
-        module.get_base_layer().register_forward_hook(_add_branch)
     if adapter_name not in states:
         states[adapter_name] = KeepLoRALayerState().to(module.get_base_layer().weight.device)
     return states[adapter_name]
@@ -50,7 +66,9 @@ def has_layer_state(module: nn.Module, adapter_name: str) -> bool:
 # which rows (none with the adapter disabled: the pre-trained layer; in a mixed-adapter batch each row's own adapter),
 # the base layer's hook returns `base(x) + branch(x)` in float32 and notes its own dtype, and the target's hook rounds
 # the total (base + LoRA + branch) back to that dtype.
-_BRANCH_CALL = "_keeplora_branch_call"
+#: the branch calls under way, by base layer: set (or cleared) by a target's pre-hook, read by its base layer's hook,
+#: removed by its closing hook; `abandon_branch_calls` drops those of a forward stopped on purpose
+_BRANCH_CALLS: ContextVar[dict[int, dict] | None] = ContextVar("keeplora_branch_calls", default=None)
 #: the rows' adapters of a mixed-adapter batch (`forward(..., adapter_names=[...])`), for the length of that forward
 _ROW_ADAPTERS: ContextVar[list[str] | None] = ContextVar("keeplora_row_adapters", default=None)
 NO_TASK_WARNING = (
@@ -72,6 +90,7 @@ def row_adapters(adapter_names: list[str] | None) -> Iterator[None]:
 
 def _open_branch(module: LoraLayer, args: tuple) -> None:  # noqa: ARG001
     if module.disable_adapters:
+        _BRANCH_CALLS.set({k: v for k, v in (_BRANCH_CALLS.get() or {}).items() if k != id(module.get_base_layer())})
         return
     states = module.keeplora_state
     names = _ROW_ADAPTERS.get()
@@ -86,8 +105,11 @@ def _open_branch(module: LoraLayer, args: tuple) -> None:  # noqa: ARG001
             if adapter in states and states[adapter].branched_tasks
         ]
     groups = [(rows, group) for rows, group in groups if group]
+    calls = dict(_BRANCH_CALLS.get() or {})
+    calls.pop(id(module.get_base_layer()), None)
     if groups:
-        module.get_base_layer().__dict__[_BRANCH_CALL] = {"groups": groups, "dtype": None}
+        calls[id(module.get_base_layer())] = {"groups": groups, "dtype": None}
+    _BRANCH_CALLS.set(calls)
 
 
 def _warn_if_training_without_task(module: LoraLayer) -> None:
@@ -112,7 +134,7 @@ def _refuse_rows_of_merged_tasks(module: LoraLayer, names: list[str]) -> None:
 
 
 def _add_branch(base: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    call = base.__dict__.get(_BRANCH_CALL)
+    call = (_BRANCH_CALLS.get() or {}).get(id(base))
     if call is None:
         return output
     call["dtype"] = output.dtype
@@ -127,10 +149,18 @@ def _add_branch(base: nn.Module, args: tuple, output: torch.Tensor) -> torch.Ten
 
 
 def _close_branch(module: LoraLayer, args: tuple, output: torch.Tensor) -> torch.Tensor:  # noqa: ARG001
-    call = module.get_base_layer().__dict__.pop(_BRANCH_CALL, None)
+    calls = dict(_BRANCH_CALLS.get() or {})
+    call = calls.pop(id(module.get_base_layer()), None)
+    _BRANCH_CALLS.set(calls)
     if call is None or call["dtype"] is None:
         return output
     return output.to(call["dtype"])
+
+
+def abandon_branch_calls() -> None:
+    """Forget the branch calls of forwards stopped on purpose before their targets finished (the statistics passes'
+    early stop), which no closing hook saw."""
+    _BRANCH_CALLS.set(None)
 
 
 #: KeepLoRA's own hooks on a target and its base layer (the truth check of `tuner/truth.py` ignores them)

@@ -12,7 +12,7 @@ from ..sharding import full_value, is_partitioned, is_sharded, zero_
 from .config import KeepLoRAConfig
 from .depth import layer_scales
 from .factors import keep_float32_
-from .layer import has_layer_state, layer_state, row_adapters
+from .layer import STATE_ATTR, has_layer_state, layer_state, row_adapters
 from .peft_type import KEEPLORA_PEFT_TYPE
 from .state_io import STATE_KEY, TaskProgress, install_state, state_tensors
 from .state_sharding import state_owners
@@ -30,6 +30,12 @@ class KeepLoRAModel(LoraModel):
     """
 
     prefix: str = "lora_"
+    #: adapter -> where its task sequence stands (finished tasks, a task under way), saved with the adapter
+    keeplora_progress: dict[str, TaskProgress]
+
+    def __init__(self, model, config, adapter_name, **kwargs) -> None:
+        self.__dict__["keeplora_progress"] = {}  # before BaseTuner.__init__ injects the first adapter
+        super().__init__(model, config, adapter_name, **kwargs)
 
     def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         base = target.get_base_layer() if isinstance(target, LoraLayer) else target
@@ -60,7 +66,7 @@ class KeepLoRAModel(LoraModel):
             zero_(module.lora_A[adapter_name].weight)
             zero_(module.lora_B[adapter_name].weight)
             layer_state(module, adapter_name)
-        self.__dict__.setdefault("keeplora_progress", {})[adapter_name] = TaskProgress()
+        self.keeplora_progress[adapter_name] = TaskProgress()
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
@@ -86,7 +92,7 @@ class KeepLoRAModel(LoraModel):
 
     def tasks_under_way(self) -> list[str]:
         """The adapters with a KeepLoRA task under way (between begin_task and end_task)."""
-        return [name for name, progress in self.__dict__.get("keeplora_progress", {}).items() if progress.in_task]
+        return [name for name, progress in self.keeplora_progress.items() if progress.in_task]
 
     def _refuse_in_task(self, action: str, why: str, adapters: list[str] | None = None) -> None:
         busy = [a for a in self.tasks_under_way() if adapters is None or a in adapters]
@@ -114,6 +120,11 @@ class KeepLoRAModel(LoraModel):
     def delete_adapter(self, adapter_name: str) -> None:
         self._refuse_in_task(f"delete_adapter({adapter_name!r})", "the task and its state would be lost", [adapter_name])
         super().delete_adapter(adapter_name)
+        self.keeplora_progress.pop(adapter_name, None)
+        for module in self.model.modules():  # a layer left with no KeepLoRA state keeps no KeepLoRA hook
+            states = module._modules.get(STATE_ATTR) if isinstance(module, LoraLayer) else None
+            if states is not None and not len(states):
+                states.remove_hooks()
 
     def add_weighted_adapter(self, *args, **kwargs) -> None:
         raise NotImplementedError(
@@ -133,9 +144,13 @@ class KeepLoRAModel(LoraModel):
             for adapter_name in adapter_names or self.active_adapters:
                 for module in keeplora_layers(self.model, adapter_name).values():
                     layer_state(module, adapter_name).merge_into_base_(module, together=True)
-        return super()._unload_and_optionally_merge(
+        containers = [m.keeplora_state for m in self.model.modules() if isinstance(m, LoraLayer) and STATE_ATTR in m._modules]
+        unloaded = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+        for states in containers:  # the base layers go back to the model without KeepLoRA's hooks
+            states.remove_hooks()
+        return unloaded
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):

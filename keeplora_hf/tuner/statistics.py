@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..constants import IGNORE_INDEX
 from ..process_group import all_reduce_sum_
 from ..sharding import is_fully_sharded, is_partitioned, local_value
+from .layer import abandon_branch_calls
 from .statistics_inputs import checked_loss
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -355,7 +356,7 @@ def input_feature_pass(
                     try:
                         loss_fn(model, move_to(batch, device))
                     except _StopForward:
-                        pass
+                        abandon_branch_calls()
                     if last["batch"] == 0 and not (
                         stop_early and last["calls"] == len(layers) == len(last["seen"]) and _early_exit_is_safe(model)
                     ):

@@ -298,3 +298,36 @@ def test_get_peft_model_on_a_model_already_fully_sharded_is_refused(tmp_path):
             get_peft_model(tiny.model, config)
     finally:
         dist.destroy_process_group()
+
+
+# -- hooks owned by the layer state -----------------------------------------------------------------------------------------
+
+
+def _hooked_modules(model) -> list[str]:
+    """Modules that still carry a KeepLoRA hook."""
+    from keeplora_hf.tuner.layer import BRANCH_HOOKS
+
+    return [
+        name
+        for name, module in model.named_modules()
+        for registry in (module._forward_pre_hooks, module._forward_hooks)
+        if any(getattr(hook, "__func__", hook) in BRANCH_HOOKS for hook in registry.values())
+    ]
+
+
+@pytest.mark.parametrize("unload", ["merge_and_unload", "unload"])
+def test_unloading_leaves_no_keeplora_hook_on_the_base_layers(unload):
+    model, batches, _ = wrap("llava", dtype=torch.bfloat16)
+    _task(model, batches)
+    assert _hooked_modules(model)
+    base = getattr(model, unload)()
+    assert not _hooked_modules(base)
+    assert all("_keeplora" not in key for m in base.modules() for key in m.__dict__)  # no per-call state left behind
+
+
+def test_deleting_the_last_adapter_of_a_layer_removes_its_hooks():
+    model, batches, tiny = wrap("llava")
+    model.add_adapter("other", KeepLoRAConfig(r=4, lora_alpha=8, target_modules=tiny.language_targets))
+    model.delete_adapter("default")
+    hooked = _hooked_modules(model)
+    assert hooked and not any("vision_tower" in name for name in hooked)  # the tower's layers had "default" only
