@@ -28,7 +28,7 @@ from keeplora_hf.models import build_tiny
 from keeplora_hf.tuner.statistics import default_loss, input_feature_pass, output_gradient_pass, weight_gradient_pass
 from keeplora_hf.subspace import FeatureStatistics, GradientSketch, Subspace, memory_directions, principal_basis
 from keeplora_hf.subspace import residual_directions
-from keeplora_hf.tuner.model import keeplora_context
+from keeplora_hf.tuner.context import task_context
 from measure import configure_threads, write_result
 from setups import RANK, batches, keeplora
 
@@ -119,7 +119,7 @@ def _quantiles(values: list[float]) -> dict[str, float]:
 def layers(model_name: str, statistics_batches: int) -> dict:
     model, bench = keeplora(model_name)
     data = batches(bench, statistics_batches)
-    _, adapter, _, targets = keeplora_context(model)
+    targets = task_context(model).layers
     rank = RANK[model_name]
     principal_rows, gradient_rows, memory_rows = [], [], []
     subspaces = {}

@@ -28,8 +28,8 @@ from .tuner.projection import project_lora_A_
 from .sharding import has_partitioned_parameters
 from .tuner.statistics import LossFn, default_loss
 from .tuner.statistics_inputs import dataset_length
-from .tuner.model import drop_prefetched_state, keeplora_layers, prefetch_continual_state, tuner_of
-from .tuner.state_sharding import release_unowned_, state_owners
+from .tuner.context import task_context
+from .tuner.model import drop_prefetched_state, prefetch_continual_state, tuner_of
 
 if TYPE_CHECKING:  # transformers.Trainer loads datasets and torchvision: not at import
     from transformers import Trainer
@@ -59,10 +59,8 @@ class KeepLoRACallback(TrainerCallback):
         self._statistics: DataLoader | None = None
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs: Any) -> None:
-        tuner = tuner_of(model)
-        adapter = tuner.keeplora_adapter()
-        config = tuner.peft_config[adapter]
-        if state.global_step > 0 and not tuner.progress(adapter).in_task:
+        ctx = task_context(model)  # a state loaded whole into a sharded run keeps its own share (release_unowned)
+        if state.global_step > 0 and not ctx.progress.in_task:
             raise RuntimeError(
                 f"train() resumes a checkpoint at step {state.global_step}, but the model is not in a KeepLoRA task: "
                 "the checkpoint's adapter, which holds the task under way, was not loaded (DeepSpeed restores only its "
@@ -70,20 +68,18 @@ class KeepLoRACallback(TrainerCallback):
                 "model.load_adapter(checkpoint, adapter_name, is_trainable=True), then train(resume_from_checkpoint="
                 "checkpoint), as ContinualRunner does."
             )
-        tuner.freeze_lora_A(adapter)
-        layers = keeplora_layers(tuner.model, adapter)  # a state loaded whole into a sharded run keeps its own share
-        owners = state_owners(model, layers)
-        if owners is not None and args.save_strategy == "best":
+        ctx.tuner.freeze_lora_A(ctx.adapter)
+        if ctx.owners is not None and args.save_strategy == "best":
             raise ValueError(
                 "save_strategy='best' is not supported with a fully sharded base (FSDP2, ZeRO-3): the Trainer decides "
                 "to save after an evaluation, on the main process alone, where the KeepLoRA state sharded across the "
                 "ranks cannot be fetched. Use save_strategy='steps' or 'epoch'"
             )
-        release_unowned_(layers, adapter, owners)
+        ctx.release_unowned()
         if train_dataloader is None:
             raise ValueError("KeepLoRACallback needs the Trainer's training dataloader (transformers >= 4.40)")
-        self._statistics = statistics_dataloader(train_dataloader, config.gradient_data_ratio, args)
-        if not tuner.progress(adapter).in_task:
+        self._statistics = statistics_dataloader(train_dataloader, ctx.config.gradient_data_ratio, args)
+        if not ctx.progress.in_task:
             start = time.perf_counter()
             begin_task(model, self._statistics, max_batches=len(self._statistics), loss_fn=self.loss_fn)
             self.begin_seconds = time.perf_counter() - start

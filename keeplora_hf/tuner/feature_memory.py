@@ -13,7 +13,7 @@ from torch import nn
 from ..process_group import all_reduce_sum_
 from ..subspace import FeatureStatistics, GradientSketch
 from .config import KeepLoRAConfig
-from .model import keeplora_context
+from .context import TaskContext, task_context
 from .statistics import (
     LossFn,
     check_adapter_finite,
@@ -32,17 +32,21 @@ _MEMORY_SEED_OFFSET = 500_009
 
 
 def feature_covariances(
-    model: nn.Module, dataloader: Iterable[Any], *, max_batches: int | None = None, loss_fn: LossFn = default_loss
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    loss_fn: LossFn = default_loss,
+    context: TaskContext | None = None,
 ) -> Mapping[str, torch.Tensor]:
     """Each target's `d_in x d_in` feature statistic on the task's data, from which `end_task` grows the memory.
 
     By `feature_source`: the second moment of the layer's inputs (`activations`); `G^T G` of the task's mean weight
     gradient `G` at the model as it is (`mean_gradient`, sketched); or the sum of per-batch `G_b^T G_b` (`gradients`).
-    Summed across data-parallel ranks.
+    Summed across data-parallel ranks. `context`: end_task's, when it calls this.
     """
-    tuner, adapter, config, layers = keeplora_context(model)
-    network = getattr(model, "module", model)
-    task_index = tuner.progress(adapter).task_index
+    ctx = context or task_context(model)
+    network, adapter, config, layers, task_index = ctx.network, ctx.adapter, ctx.config, ctx.layers, ctx.progress.task_index
     # the reference solver keeps float64 statistics; the fast one float32 (half the time and memory)
     dtype = torch.float64 if config.memory_solver == "eigh" else torch.float32
     check_adapter_finite(layers, adapter, "end_task")

@@ -23,20 +23,17 @@ from ..subspace import (
 )
 from ..subspace.basis import EXACT_DTYPES, WORK_DTYPE
 from .config import KeepLoRAConfig, state_torch_dtype
+from .context import TaskContext, task_context
 from .feature_memory import feature_covariances
 from .finished import FinishedTask, merged_delta
 from .layer import layer_state, set_layer_state
-from .model import TaskProgress, keeplora_context
+from .model import TaskProgress
 from .state import KeepLoRALayerState
 from .state_sharding import (
-    Owners,
     adopt_owners_layouts_,
     complete_from_owners,
     from_owner,
     join_weight_gather,
-    owns,
-    release_unowned_,
-    state_owners,
 )
 from .statistics import (
     LossFn,
@@ -68,19 +65,16 @@ def protected_basis(model: nn.Module, module_name: str) -> torch.Tensor:
     sharded by layer (a fully sharded base, see `tuner/state_sharding.py`) it comes from the layer's owner: every rank
     must then call this, in the same order.
     """
-    _, adapter, _, layers = keeplora_context(model)
-    if module_name not in layers:
-        raise KeyError(f"{module_name!r} is not a KeepLoRA target; targets are named like {next(iter(layers), '')!r}")
-    module = layers[module_name]
-    state = layer_state(module, adapter)
-    owners = state_owners(model, layers)
-    if owners is None or not state.initialised:
+    ctx = task_context(model)
+    state = ctx.state(_target(ctx, module_name))
+    if ctx.owners is None or not state.initialised:
         return state.protected()
     stored = state.stored_principal if state.stored_principal is not None else state.complement  # `meta` if not held
     dtype = stored.dtype if stored.dtype in EXACT_DTYPES else WORK_DTYPE  # as `protected()` returns it
     shape = (state.d_in, state.protected_rank)
-    basis = state.protected() if owns(owners, module_name) else None
-    return from_owner(basis, shape, dtype, module.get_base_layer().weight.device, owners[module_name])
+    basis = state.protected() if ctx.owns(module_name) else None
+    device = ctx.layers[module_name].get_base_layer().weight.device
+    return from_owner(basis, shape, dtype, device, ctx.owners[module_name])
 
 
 def learned_update(model: nn.Module, module_name: str) -> torch.Tensor:
@@ -89,15 +83,18 @@ def learned_update(model: nn.Module, module_name: str) -> torch.Tensor:
     It is what the layer adds to its pre-trained weight, whether the tasks were merged into it or act as a frozen
     branch (see `finished_tasks`); zeros before the first task has ended.
     """
-    _, adapter, _, layers = keeplora_context(model)
-    if module_name not in layers:
-        raise KeyError(f"{module_name!r} is not a KeepLoRA target; targets are named like {next(iter(layers), '')!r}")
-    module = layers[module_name]
-    tasks = layer_state(module, adapter).tasks
+    ctx = task_context(model)
+    tasks = ctx.state(_target(ctx, module_name)).tasks
     if not tasks:
-        base = module.get_base_layer()
+        base = ctx.layers[module_name].get_base_layer()
         return torch.zeros(base.out_features, base.in_features, device=base.weight.device)
     return merged_delta(tasks)
+
+
+def _target(ctx: TaskContext, name: str) -> str:
+    if name not in ctx.layers:
+        raise KeyError(f"{name!r} is not a KeepLoRA target; targets are named like {next(iter(ctx.layers), '')!r}")
+    return name
 
 
 def begin_task(
@@ -107,85 +104,84 @@ def begin_task(
 
     The model's function is unchanged by this call. Nothing is modified if the data pass fails.
     """
-    tuner, adapter, config, layers = keeplora_context(model)
-    progress = tuner.progress(adapter)
+    ctx = task_context(model)
+    progress = ctx.progress
     if progress.in_task:
         raise RuntimeError(f"begin_task: task {progress.task_index} is already under way; call end_task first")
-    refuse_rounded_merges(layers, adapter)
-    network = getattr(model, "module", model)
-    owners = state_owners(network, layers)
-    release_unowned_(layers, adapter, owners)
-
-    for module in layers.values():
-        zero_(module.lora_A[adapter].weight)
-        zero_(module.lora_B[adapter].weight)
-    # the first task computes each layer's principal basis; it is installed only once the data pass has succeeded
-    fresh = _first_task_states(layers, adapter, config, owners)
-    states = {name: fresh[name] if name in fresh else layer_state(module, adapter) for name, module in layers.items()}
+    refuse_rounded_merges(ctx.layers, ctx.adapter)
+    ctx.release_unowned()
+    for module in ctx.layers.values():
+        zero_(module.lora_A[ctx.adapter].weight)
+        zero_(module.lora_B[ctx.adapter].weight)
+    # 1. the principal subspace of each pre-trained weight (first task), installed once the data pass has succeeded
+    fresh = _first_task_states(ctx)
+    states = {name: fresh[name] if name in fresh else ctx.state(name) for name in ctx.layers}
     for name, state in states.items():
-        state.bind(layers[name], config.principal_solver)
-    directions = _gradient_directions(
-        network, layers, adapter, states, dataloader, config, progress.task_index, max_batches, loss_fn, owners
-    )
+        state.bind(ctx.layers[name], ctx.config.principal_solver)
+    # 2. the task's gradient, and its top directions inside each layer's residual subspace
+    directions = _gradient_directions(ctx, states, dataloader, max_batches, loss_fn)
+    for name, state in fresh.items():
+        set_layer_state(ctx.layers[name], ctx.adapter, state)
+    # 3. A from those directions (B = 0: the model's function is unchanged)
+    _install_lora_A(ctx, states, directions)
+    for module in ctx.layers.values():
+        state = layer_state(module, ctx.adapter)
+        record_frozen_response(module, state)
+        state.task_open = True
+    progress.in_task = True
+    logger.info("KeepLoRA: began task %d on %d target layers", progress.task_index, len(ctx.layers))
+    if ctx.config.modules_to_save:
+        logger.warning(
+            "KeepLoRA: task %d also trains modules_to_save %s fully, outside any protected subspace",
+            progress.task_index,
+            sorted(ctx.config.modules_to_save),
+        )
 
+
+def _install_lora_A(
+    ctx: TaskContext, states: dict[str, KeepLoRALayerState], directions: dict[str, torch.Tensor]
+) -> None:
+    """Each target's `A` inside its residual subspace (computed by the layer's owner, sent to every rank), trainable
+    only with `train_lora_A`; `B` trainable. Warns about layers whose residual is narrower than `r`."""
     cramped: dict[str, int] = {}
-    for name, module in layers.items():
-        state = states[name]
-        rank = module.r[adapter]
-        room = module.get_base_layer().in_features - state.protected_rank
-        if room < rank:
-            cramped[name] = room
-        if name in fresh:
-            set_layer_state(module, adapter, state)
+    for name, module in ctx.layers.items():
+        state, rank, base = states[name], module.r[ctx.adapter], module.get_base_layer()
+        if base.in_features - state.protected_rank < rank:
+            cramped[name] = base.in_features - state.protected_rank
         # every rank joins the weight's gather that the owner's minor_singular rows need
-        weight = base_weight(module) if config.lora_A_init == "minor_singular" else None
+        weight = base_weight(module) if ctx.config.lora_A_init == "minor_singular" else None
         rows = None
-        if owns(owners, name):
-            rows = _initial_rows(config.lora_A_init, directions.pop(name, None), module, weight, state.subspace(), rank)
-        if owners is not None:
-            base = module.get_base_layer()
-            rows = from_owner(rows, (rank, base.in_features), torch.float64, base.weight.device, owners[name])
-        lora_A = module.lora_A[adapter].weight
+        if ctx.owns(name):
+            rows = _initial_rows(ctx.config.lora_A_init, directions.pop(name, None), module, weight, state.subspace(), rank)
+        if ctx.owners is not None:
+            rows = from_owner(rows, (rank, base.in_features), torch.float64, base.weight.device, ctx.owners[name])
+        lora_A = module.lora_A[ctx.adapter].weight
         assign_(lora_A, rows)
-        lora_A.requires_grad_(config.train_lora_A)
-        module.lora_B[adapter].weight.requires_grad_(True)
+        lora_A.requires_grad_(ctx.config.train_lora_A)
+        module.lora_B[ctx.adapter].weight.requires_grad_(True)
     if cramped:
         shown = ", ".join(f"{name} ({dim})" for name, dim in list(cramped.items())[:5])
         warnings.warn(
             f"{len(cramped)} target layers have a residual subspace smaller than r, so the missing rows of their lora_A "
             f"are zero and they learn with a lower rank: {shown}{', ...' if len(cramped) > 5 else ''}. Lower "
             "principal_energy or feature_energy to give them more room.",
-            stacklevel=2,
-        )
-    for module in layers.values():
-        state = layer_state(module, adapter)
-        record_frozen_response(module, state)
-        state.task_open = True
-    progress.in_task = True
-    logger.info("KeepLoRA: began task %d on %d target layers", progress.task_index, len(layers))
-    if config.modules_to_save:
-        logger.warning(
-            "KeepLoRA: task %d also trains modules_to_save %s fully, outside any protected subspace",
-            progress.task_index,
-            sorted(config.modules_to_save),
+            stacklevel=3,
         )
 
 
-def _first_task_states(
-    layers: dict[str, LoraLayer], adapter: str, config: KeepLoRAConfig, owners: Owners | None
-) -> dict[str, KeepLoRALayerState]:
+def _first_task_states(ctx: TaskContext) -> dict[str, KeepLoRALayerState]:
     """The first-task state of each layer that has none: computed by its owner (every rank joins the gather of a
     sharded weight), a stand-in of the owner's shapes elsewhere."""
     fresh: dict[str, KeepLoRALayerState | None] = {}
-    for name, module in layers.items():
-        if layer_state(module, adapter).initialised:
+    for name, module in ctx.layers.items():
+        if ctx.state(name).initialised:
             continue
-        if owns(owners, name):
-            fresh[name] = first_task_state(module, config)
+        if ctx.owns(name):
+            fresh[name] = first_task_state(module, ctx.config)
         else:
             join_weight_gather(module)
             fresh[name] = None
-    return complete_from_owners(fresh, owners)
+    return complete_from_owners(fresh, ctx.owners)
 
 
 def first_task_state(module: LoraLayer, config: KeepLoRAConfig, energy: float | None = None) -> KeepLoRALayerState:
@@ -203,19 +199,15 @@ def first_task_state(module: LoraLayer, config: KeepLoRAConfig, energy: float | 
 
 
 def _gradient_directions(
-    model: nn.Module,
-    layers: dict[str, LoraLayer],
-    adapter: str,
+    ctx: TaskContext,
     states: dict[str, KeepLoRALayerState],
     dataloader: Iterable[Any],
-    config: KeepLoRAConfig,
-    task_index: int,
     max_batches: int | None,
     loss_fn: LossFn,
-    owners: Owners | None,
 ) -> dict[str, torch.Tensor]:
     """Rows of `A` for every target this rank owns from the task's mean loss gradient (summed across ranks), inside
     its residual."""
+    model, layers, adapter, config, task_index = ctx.network, ctx.layers, ctx.adapter, ctx.config, ctx.progress.task_index
     if config.lora_A_init != "residual_gradient":
         return {}
     batches = task_batches(dataloader, config.gradient_data_ratio, max_batches)
@@ -263,7 +255,7 @@ def _gradient_directions(
             check_finite(gradient, name, "gradient")
             if not gradient.any():
                 silent.append(name)
-            if owns(owners, name):
+            if ctx.owns(name):
                 directions[name] = residual_directions(gradient, states[name].subspace(), rank)
         else:
             sketch = sketches.pop(name)
@@ -271,7 +263,7 @@ def _gradient_directions(
             check_finite(sketch.sketch, name, "gradient sketch")
             if not sketch.sketch.any():
                 silent.append(name)
-            if owns(owners, name):
+            if ctx.owns(name):
                 directions[name] = sketch.residual_directions(states[name].subspace(), rank)
     if len(silent) == len(layers):
         raise ValueError(
@@ -312,43 +304,42 @@ def end_task(
     The feature statistics are gathered before anything is merged (with LoRA active, which computes the merged
     function), so a failing data pass leaves the model and its state untouched.
     """
-    tuner, adapter, config, layers = keeplora_context(model)
-    progress = tuner.progress(adapter)
+    ctx = task_context(model)
+    progress, adapter, config, layers = ctx.progress, ctx.adapter, ctx.config, ctx.layers
     if not progress.in_task:
         raise RuntimeError("end_task called before begin_task: there is no task under way to finish")
     merge = {name: _merges(config, module, name) for name, module in layers.items()}  # refused before any change
-    owners = state_owners(model, layers)
-    release_unowned_(layers, adapter, owners)
+    ctx.release_unowned()
+    # the task's update must be what the layers compute: finite, A in the residual, nothing else changed
     check_adapter_finite(layers, adapter, "end_task")
-    check_lora_A_in_residual(layers, adapter, owners, config.train_lora_A)
+    check_lora_A_in_residual(layers, adapter, ctx.owners, config.train_lora_A)
     for name, module in layers.items():
-        check_unchanged(module, name, adapter, layer_state(module, adapter))
-
+        check_unchanged(module, name, adapter, ctx.state(name))
+    # 1. the task's feature statistics, gathered before anything is merged, and the memory's new directions
     new_directions: dict[str, torch.Tensor] = {}
     if config.feature_energy > 0:  # with no memory to keep (plain sequential LoRA), skip the data pass
-        covariances = feature_covariances(model, dataloader, max_batches=max_batches, loss_fn=loss_fn)
-        for index, (name, module) in enumerate(layers.items()):
-            if not owns(owners, name):
-                continue
-            new_directions[name] = memory_directions(
-                covariances[name],
-                layer_state(module, adapter).subspace(),
-                config.feature_energy,
-                solver=config.memory_solver,
-                seed=layer_seed(progress.task_index, index),
-            )
-
+        covariances = feature_covariances(model, dataloader, max_batches=max_batches, loss_fn=loss_fn, context=ctx)
+        for index, name in enumerate(layers):
+            if ctx.owns(name):
+                new_directions[name] = memory_directions(
+                    covariances[name],
+                    ctx.state(name).subspace(),
+                    config.feature_energy,
+                    solver=config.memory_solver,
+                    seed=layer_seed(progress.task_index, index),
+                )
+    # 2. keep s B A (merged or as a frozen branch), grow the memory, reset LoRA
     for name, module in layers.items():
+        dtype = state_torch_dtype(config, module)
         _finish_layer(
-            module, adapter, layer_state(module, adapter), new_directions.get(name), state_torch_dtype(config, module),
-            config.keep_principal_basis,
+            module, adapter, ctx.state(name), new_directions.get(name), dtype, config.keep_principal_basis,
             merge=merge[name],
         )
-    adopt_owners_layouts_(layers, adapter, owners)
-    for module in layers.values():
-        state = layer_state(module, adapter)
+    adopt_owners_layouts_(layers, adapter, ctx.owners)
+    for name in layers:
+        state = ctx.state(name)
         state.task_open, state.task_probe, state.task_hooks = False, None, None
-    tuner.keeplora_progress[adapter] = TaskProgress(progress.task_index + 1, in_task=False)
+    ctx.tuner.keeplora_progress[adapter] = TaskProgress(progress.task_index + 1, in_task=False)
     logger.info("KeepLoRA: finished task %d", progress.task_index)
 
 

@@ -9,7 +9,6 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
 from ..sharding import full_value, is_partitioned, is_sharded, zero_
-from .config import KeepLoRAConfig
 from .depth import layer_scales
 from .factors import keep_float32_
 from .layer import STATE_ATTR, has_layer_state, layer_state, row_adapters
@@ -204,15 +203,6 @@ def tuner_of(model: nn.Module) -> KeepLoRAModel:
     if isinstance(tuner, KeepLoRAModel):
         return tuner
     raise TypeError(f"expected a model wrapped with a KeepLoRAConfig, got {type(model).__name__}")
-
-
-def keeplora_context(model: nn.Module) -> tuple[KeepLoRAModel, str, KeepLoRAConfig, dict[str, LoraLayer]]:
-    """The tuner of `model`, its KeepLoRA adapter, that adapter's config and its targeted layers: what every step of a
-    task works on (`model` may be wrapped by DistributedDataParallel and friends)."""
-    model = getattr(model, "module", model)
-    tuner = tuner_of(model)
-    adapter = tuner.keeplora_adapter()
-    return tuner, adapter, tuner.peft_config[adapter], keeplora_layers(model, adapter)
 
 
 def keeplora_layers(model: nn.Module, adapter_name: str) -> dict[str, LoraLayer]:

@@ -169,7 +169,7 @@ def test_save_strategy_best_is_refused_when_the_state_is_sharded(tmp_path, devic
     """With the KeepLoRA state sharded by layer (a fully sharded base over several ranks, stood in for here), a save
     the Trainer decides after an evaluation runs on the main process alone, where the state cannot be fetched: refused
     before anything begins, naming what works. The same arguments without sharding train as usual."""
-    import keeplora_hf.callback as callback_module
+    import keeplora_hf.tuner.context as context_module
 
     tiny = build_tiny("llava")
     tiny.model.to(device=device, dtype=dtype)
@@ -178,7 +178,7 @@ def test_save_strategy_best_is_refused_when_the_state_is_sharded(tmp_path, devic
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, eval_strategy="steps",
                              save_strategy="best", metric_for_best_model="loss")
     loader = DataLoader(tasks[0].train_dataset, batch_size=4)
-    monkeypatch.setattr(callback_module, "state_owners", lambda model, layers: dict.fromkeys(layers, 0))
+    monkeypatch.setattr(context_module, "state_owners", lambda model, layers: dict.fromkeys(layers, 0))
     with pytest.raises(ValueError, match="save_strategy='best' is not supported with a fully sharded base.*'steps'"):
         KeepLoRACallback().on_train_begin(args, TrainerState(), TrainerControl(), model=model, train_dataloader=loader)
     assert not tuner_of(model).progress("default").in_task
