@@ -1,4 +1,4 @@
-"""Build results/RESULTS.md (the tables for the README) from the JSON files the benchmarks wrote."""
+"""Build results/RESULTS.md (the tables of docs/performance.md) from the JSON files the benchmarks wrote."""
 
 from __future__ import annotations
 

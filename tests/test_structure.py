@@ -1,4 +1,4 @@
-"""The package's structure stays as the README describes it: no import cycle, no module over ~400 lines without a
+"""The package's structure stays as docs/architecture.md describes it: no import cycle, no module over ~400 lines without a
 reason at its top."""
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="a pre-trained demo model directory (default: the shipped one)")
     demo.add_argument("--overwrite", action="store_true", help="replace results of a run with other settings")
     demo.add_argument("--task-order", default=None, metavar="A,B,...",
-                      help="the image tasks, comma-separated, in the order they are learned (default: the README's)")
+                      help="the image tasks, comma-separated, in the order they are learned (default: the order of docs/results.md)")
     demo.add_argument("--orders", type=integer(1), default=1,
                       help="also run N-1 fixed random permutations of the task order; the summary gives the spread")
     demo.add_argument("--data-seed", type=integer(0), default=0, help="seed of the synthetic benchmark data")

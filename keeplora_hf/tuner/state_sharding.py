@@ -1,7 +1,7 @@
 """The KeepLoRA state sharded by layer across the ranks of a fully sharded run (FSDP2, DeepSpeed ZeRO-3).
 
 Replicated, the protected bases would put a floor under each rank's memory that sharding the weights cannot lower
-(`(W/2 + S) / (W + S)` of one process, see the README). So when the base is fully sharded, each layer's bases live on
+(`(W/2 + S) / (W + S)` of one process, see docs/parallel.md). So when the base is fully sharded, each layer's bases live on
 one rank, its owner (layers dealt out in module order to the rank with the fewest `d_in^2` so far): the owner derives
 the layer's `A` and grows its memory from statistics that every rank has summed, then sends `A` to the others. The
 other ranks keep the bases' shapes and dtypes only (`meta` tensors, see `KeepLoRALayerState.held`). Finished tasks

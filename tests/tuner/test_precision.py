@@ -1,6 +1,6 @@
 """The KeepLoRA++ guarantees on every device and base dtype: float32 and bfloat16 bases, cpu and cuda where present.
 
-Bounds used here (stated in the README's "Precision and hardware" section):
+Bounds used here (stated in docs/precision.md):
 - bfloat16 forward noise: logits of the base model in bfloat16 against the same weights in float32, `noise`;
 - one rounding step of a bfloat16 value `v`: at most `eps * |v|` with `eps = torch.finfo(torch.bfloat16).eps`.
 """
