@@ -119,9 +119,15 @@ def check_lora_A_in_residual(
 
 
 def refuse_rounded_merges(layers: dict[str, LoraLayer], adapter: str) -> None:
-    """Finished tasks merged into a float32 weight that was cast since to a 16-bit dtype were rounded with it: the model
-    no longer computes what `learned_update` reports."""
+    """A layer whose LoRA is merged (`merge_adapter()`) would train a `B` the forward does not use, and unmerge
+    later what was never merged; finished tasks merged into a float32 weight that was cast since to a 16-bit dtype were
+    rounded with it: either way the model would not compute what `learned_update` reports."""
     for name, module in layers.items():
+        if module.merged:
+            raise RuntimeError(
+                f"{name} has its LoRA merged into the base weight (merge_adapter()): a task trained now would not be "
+                "what the layer computes. Call model.unmerge_adapter() first."
+            )
         state = layer_state(module, adapter)
         if state.merged_tasks and not merges_exactly(module):
             dtype = module.get_base_layer().weight.dtype

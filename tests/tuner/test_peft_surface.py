@@ -149,6 +149,16 @@ def test_an_adapter_added_mid_task_keeps_the_guarantee(device, dtype):
     assert _leak(model, bases) <= LEAK_BOUND
 
 
+def test_a_task_on_a_merged_adapter_is_refused_until_unmerged():
+    model, batches, _ = wrap("llava")
+    _task(model, batches)
+    model.merge_adapter()  # between tasks: allowed (A = B = 0), but the next task would train an unused B
+    with pytest.raises(RuntimeError, match="unmerge_adapter"):
+        begin_task(model, batches)
+    model.unmerge_adapter()
+    begin_task(model, batches)
+
+
 def test_merge_after_end_task_computes_what_the_adapter_did():
     model, batches, _ = wrap("llava")
     _task(model, batches)
