@@ -50,7 +50,7 @@ from .truth import (
     check_lora_A_in_residual,
     check_unchanged,
     record_frozen_response,
-    refuse_rounded_merges,
+    refuse_stale_merges,
 )
 from .weights import base_weight, is_quantized, merges_exactly, weight_fingerprint
 
@@ -108,7 +108,7 @@ def begin_task(
     progress = ctx.progress
     if progress.in_task:
         raise RuntimeError(f"begin_task: task {progress.task_index} is already under way; call end_task first")
-    refuse_rounded_merges(ctx.layers, ctx.adapter)
+    refuse_stale_merges(ctx.layers, ctx.adapter)
     ctx.release_unowned()
     for module in ctx.layers.values():
         zero_(module.lora_A[ctx.adapter].weight)

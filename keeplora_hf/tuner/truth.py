@@ -118,7 +118,7 @@ def check_lora_A_in_residual(
         )
 
 
-def refuse_rounded_merges(layers: dict[str, LoraLayer], adapter: str) -> None:
+def refuse_stale_merges(layers: dict[str, LoraLayer], adapter: str) -> None:
     """A layer whose LoRA is merged (`merge_adapter()`) would train a `B` the forward does not use, and unmerge
     later what was never merged; finished tasks merged into a float32 weight that was cast since to a 16-bit dtype were
     rounded with it: either way the model would not compute what `learned_update` reports."""
