@@ -79,7 +79,7 @@ ADAPTER_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "
 def _base_key(key: str, adapter: str) -> str | None:
     """The name `key` of the PEFT-wrapped model has in the plain base model (None: an adapter tensor, not written)."""
     module_name, _, tensor = key.rpartition(".")
-    parts = module_name.split(".")
+    parts = module_name.split(".") if module_name else []  # a parameter of the model itself (CLIP's logit_scale)
     if any(marker in parts for marker in ADAPTER_MARKERS):
         return None
     if "original_module" in parts:  # a ModulesToSaveWrapper's frozen copy: the trained one is written instead

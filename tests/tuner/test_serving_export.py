@@ -112,6 +112,21 @@ def test_the_language_model_lora_on_its_merged_base_reproduces_the_model(tmp_pat
     assert _gap(outputs(served, batches[0]), expected) <= _merged_tolerance(expected)
 
 
+def test_every_tiny_architecture_exports_what_it_computes(tmp_path, tiny_name):
+    """All three forms on every architecture, CLIP (a parameter of the model itself: logit_scale) included."""
+    model, batches = _two_tasks(tiny_name, torch.float32)
+    expected = outputs(model, batches[0])
+    model_class = type(build_tiny(tiny_name).model)
+    export_lora(model, tmp_path / "lora")
+    served = serve_like_vllm(build_tiny(tiny_name).model, tmp_path / "lora")
+    assert _gap(outputs(served, batches[0]), expected) <= _tolerance(expected)
+    export_merged(model, tmp_path / "merged")
+    assert _gap(outputs(model_class.from_pretrained(tmp_path / "merged"), batches[0]), expected) <= _tolerance(expected)
+    export_lora(model, tmp_path / "lm", language_model_only=True)
+    base = model_class.from_pretrained(tmp_path / "lm" / MERGED_BASE_DIR)
+    assert _gap(outputs(serve_like_vllm(base, tmp_path / "lm"), batches[0]), expected) <= _tolerance(expected)
+
+
 def test_a_fully_trained_module_is_refused_in_a_lora_and_kept_in_the_merged_base(tmp_path):
     model, batches = _two_tasks("llava", torch.float32, modules_to_save=["multi_modal_projector"])
     with pytest.raises(ValueError, match=r"modules_to_save \['multi_modal_projector'\].*language_model_only"):
