@@ -108,6 +108,11 @@ def begin_task(
     progress = ctx.progress
     if progress.in_task:
         raise RuntimeError(f"begin_task: task {progress.task_index} is already under way; call end_task first")
+    if ctx.config.inference_mode:
+        raise RuntimeError(
+            f"begin_task: adapter {ctx.adapter!r} was loaded for inference (is_trainable=False), so its weights are "
+            "frozen; load it with PeftModel.from_pretrained(base, path, is_trainable=True) to continue the sequence"
+        )
     refuse_stale_merges(ctx.layers, ctx.adapter)
     ctx.release_unowned()
     for module in ctx.layers.values():

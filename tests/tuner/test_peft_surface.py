@@ -58,6 +58,9 @@ def test_train_lora_A_never_makes_an_inactive_or_frozen_adapter_trainable(tmp_pa
     model.save_pretrained(tmp_path)
     frozen = PeftModel.from_pretrained(build_tiny("llava").model, tmp_path, is_trainable=False)
     assert not any(p.requires_grad for p in frozen.parameters())
+    with pytest.raises(RuntimeError, match="is_trainable=True"):  # begin_task would make it trainable
+        begin_task(frozen, batches)
+    assert not any(p.requires_grad for p in frozen.parameters())
 
 
 # -- 2, 3. add_weighted_adapter ---------------------------------------------------------------------------------------
