@@ -56,12 +56,12 @@ class PrintResidual(TrainerCallback):
         print(f"HELD {args.process_index} {sum(s.held for s in states)} of {len(states)}", flush=True)
 
 
-def deepspeed_config(stage: int) -> dict:
-    """ZeRO `stage` in float32, batch sizes and optimizer taken from the TrainingArguments. Under ZeRO-3 every
-    parameter stays partitioned between uses (by default DeepSpeed keeps parameters under 1e5 elements whole on every
-    rank: all of the tiny model's)."""
+def deepspeed_config(stage: int, bf16: bool = False) -> dict:
+    """ZeRO `stage` (in float32, or with DeepSpeed's bf16 engine, which casts the model to bfloat16), batch sizes and
+    optimizer taken from the TrainingArguments. Under ZeRO-3 every parameter stays partitioned between uses (by default
+    DeepSpeed keeps parameters under 1e5 elements whole on every rank: all of the tiny model's)."""
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "train_batch_size": "auto",
+            "train_batch_size": "auto", **({"bf16": {"enabled": "auto"}} if bf16 else {}),
             "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}}
 
 
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--deepspeed-stage", type=int, choices=[2, 3])
+    parser.add_argument("--deepspeed-bf16", action="store_true", help="DeepSpeed's bf16 engine (TrainingArguments bf16)")
     parser.add_argument("--train-lora-A", action="store_true", help="train A too (re-projected after every step)")
     options = parser.parse_args()
 
@@ -93,7 +94,8 @@ def main() -> None:
         use_cpu=True,
         disable_tqdm=True,
         ddp_backend="gloo" if world > 1 else None,
-        deepspeed=deepspeed_config(options.deepspeed_stage) if options.deepspeed_stage else None,
+        deepspeed=deepspeed_config(options.deepspeed_stage, options.deepspeed_bf16) if options.deepspeed_stage else None,
+        bf16=options.deepspeed_bf16,
     )
     callbacks = [PrintResidual()] if options.deepspeed_stage else []
     runner = ContinualRunner(model, tasks, args, options.output_dir, general_sets=general,
