@@ -35,7 +35,7 @@ TINY_OF = {
     "LanguageBind/Video-LLaVA-7B-hf": "video_llava",
     "openai/clip-vit-base-patch16": "clip",
 }
-ORDERS = {  # ALGORITHM.md
+ORDERS = {  # docs/method.md
     "ucit": ["ImageNet-R", "ArxivQA", "VizWiz", "IconQA", "CLEVR-Math", "Flickr30k"],
     "coin": ["ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCR-VQA"],
     "clvista": ["Counting", "Space", "Traffic", "Movie", "GUI", "Science", "Sports", "STAR"],
@@ -44,7 +44,7 @@ ORDERS = {  # ALGORITHM.md
     "mtil_order2": ["StanfordCars", "Food", "MNIST", "OxfordPet", "Flowers", "SUN397", "Aircraft", "Caltech101", "DTD",
                     "EuroSAT", "CIFAR100"],
 }
-# reference settings of ALGORITHM.md: r, alpha, eps_w, eps_f, gradient data, lr, projector lr
+# reference settings of docs/method.md: r, alpha, eps_w, eps_f, gradient data, lr, projector lr
 REFERENCE = {
     "llava": (32, 8, 0.6, 0.99, 0.2, 2e-4, 2e-5),
     "video": (64, 128, 0.6, 0.99, 0.1, 1e-4, 1e-5),

@@ -1,4 +1,4 @@
-"""begin_task / training / end_task on every tiny architecture: the guarantees of ALGORITHM.md, measured."""
+"""begin_task / training / end_task on every tiny architecture: the guarantees of docs/method.md, measured."""
 
 from __future__ import annotations
 

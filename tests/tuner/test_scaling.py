@@ -1,7 +1,7 @@
 """The memory- and time-saving paths of KeepLoRA++ against the exact ones, on the tiny models.
 
 The gradient sketch, the early-exit feature pass, the narrower-basis state and low-precision state storage must give
-what the exact computations give (or a bounded approximation of it), and keep every guarantee of ALGORITHM.md.
+what the exact computations give (or a bounded approximation of it), and keep every guarantee of docs/method.md.
 """
 
 from __future__ import annotations
