@@ -89,12 +89,11 @@ def row_adapters(adapter_names: list[str] | None) -> Iterator[None]:
 
 
 def _open_branch(module: LoraLayer, args: tuple) -> None:  # noqa: ARG001
-    if module.disable_adapters:
-        _BRANCH_CALLS.set({k: v for k, v in (_BRANCH_CALLS.get() or {}).items() if k != id(module.get_base_layer())})
-        return
     states = module.keeplora_state
     names = _ROW_ADAPTERS.get()
-    if names is None:
+    if module.disable_adapters:  # the pre-trained layer: no branch
+        groups = []
+    elif names is None:
         _warn_if_training_without_task(module)
         groups = [(None, [states[a] for a in module.active_adapters if a in states and states[a].branched_tasks])]
     else:

@@ -135,14 +135,13 @@ class KeepLoRAModel(LoraModel):
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         """`merge_and_unload()` folds the finished tasks kept as branches into the base weights first (one rounding
         per weight), so the merged model computes what the adapter did; `unload()` drops them with the adapter."""
-        if not merge:
-            self._refuse_in_task("unload()", "the task under way and the continual state would be dropped")
-        else:
-            self._check_merge_allowed()
         if merge:
+            self._check_merge_allowed()  # before the branches are folded in, so that a refusal changes nothing
             for adapter_name in adapter_names or self.active_adapters:
                 for module in keeplora_layers(self.model, adapter_name).values():
                     layer_state(module, adapter_name).merge_into_base_(module, together=True)
+        else:
+            self._refuse_in_task("unload()", "the task under way and the continual state would be dropped")
         containers = [m.keeplora_state for m in self.model.modules() if isinstance(m, LoraLayer) and STATE_ATTR in m._modules]
         unloaded = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names

@@ -42,7 +42,7 @@ def response_gap(module: LoraLayer, adapter: str, state: KeepLoRALayerState) -> 
     before = state.task_probe.to(now.device)
     lora_A = full_value(module.lora_A[adapter].weight).float()  # gathered when sharded: every rank calls this
     lora_B = full_value(module.lora_B[adapter].weight).float()
-    probes = probe_directions(module, now.device)
+    probes = fingerprint_probes(module.get_base_layer().in_features, now.device)
     learned = float(module.scaling[adapter]) * (lora_B @ (lora_A @ probes))
     floor = UPDATE_TOLERANCE * learned.norm() + RESPONSE_TOLERANCE * before.norm()
     moved = (now - before).norm()
@@ -60,9 +60,9 @@ def check_unchanged(module: LoraLayer, name: str, adapter: str, state: KeepLoRAL
             "the middle of the task, a base weight left trainable, a cast of the model's dtype. The task is still "
             "under way and nothing was changed; resume from the last checkpoint saved before the change."
         )
-    hooks = getattr(state, "task_hooks", None)
-    if hooks is not None and foreign_hooks(module) != hooks:
-        added = sorted(set(foreign_hooks(module)) - set(hooks)) or sorted(set(hooks) - set(foreign_hooks(module)))
+    hooks = foreign_hooks(module)
+    if state.task_hooks is not None and hooks != state.task_hooks:
+        added = sorted(set(hooks) - set(state.task_hooks)) or sorted(set(state.task_hooks) - set(hooks))
         raise RuntimeError(
             f"end_task: the forward hooks of {name} changed during the task ({', '.join(added)}), so the layer no "
             "longer computes its base plus the learned update. Remove the hook (or add it before begin_task); the "
@@ -79,10 +79,6 @@ def foreign_hooks(module: LoraLayer) -> tuple[str, ...]:
                 if getattr(hook, "__func__", hook) not in BRANCH_HOOKS:
                     found.append(f"{getattr(hook, '__qualname__', type(hook).__name__)}#{key}")
     return tuple(found)
-
-
-def probe_directions(module: LoraLayer, device: torch.device) -> torch.Tensor:
-    return fingerprint_probes(module.get_base_layer().in_features, device)
 
 
 def check_lora_A_in_residual(
