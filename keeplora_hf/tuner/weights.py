@@ -24,20 +24,28 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     gives garbage).
     """
     base = module.get_base_layer() if isinstance(module, LoraLayer) else module
-    weight = base.weight
-    if weight.dtype.is_floating_point and len(shape_of(weight)) == 2:
-        return full_value(weight)
+    if _readable(base.weight):
+        return full_value(base.weight)
     d_in = base.in_features
-    device = weight.device
     columns = []
-    with torch.no_grad():
-        offset = base(torch.zeros(1, d_in, device=device)).float()
-        for start in range(0, d_in, _PROBE_BLOCK):
-            count = min(_PROBE_BLOCK, d_in - start)
-            units = torch.zeros(count, d_in, device=device)
-            units[torch.arange(count), start + torch.arange(count)] = 1.0
-            columns.append(base(units).float() - offset)
+    for start in range(0, d_in, _PROBE_BLOCK):
+        count = min(_PROBE_BLOCK, d_in - start)
+        units = torch.zeros(count, d_in, device=base.weight.device)
+        units[torch.arange(count), start + torch.arange(count)] = 1.0
+        columns.append(_through_layer(base, units))
     return torch.cat(columns).T.contiguous()
+
+
+def _readable(weight: torch.Tensor) -> bool:
+    """Whether the weight is stored as a float matrix (not quantized), so it can be read directly."""
+    return weight.dtype.is_floating_point and len(shape_of(weight)) == 2
+
+
+def _through_layer(base: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """`rows @ W^T` (float32) as the layer computes it: its output on `rows` minus its output on zero (the bias)."""
+    with torch.no_grad():
+        zero = base(torch.zeros(1, rows.shape[1], device=rows.device)).float()
+        return base(rows).float() - zero
 
 
 #: fixed random directions whose images under the pre-trained weight identify it (see `weight_fingerprint`)
@@ -63,13 +71,10 @@ def weight_response(module: nn.Module) -> torch.Tensor:
     """`W g` of the layer's base weight as it computes now (`d_out x 2`, float32): from the weight itself (gathered
     when sharded: every rank calls it), or, for a quantized weight, through the layer on `g` minus its bias."""
     base = module.get_base_layer() if isinstance(module, LoraLayer) else module
-    weight = base.weight
-    if weight.dtype.is_floating_point and len(shape_of(weight)) == 2:
-        return weight_fingerprint(full_value(weight))
-    probes = fingerprint_probes(base.in_features, weight.device)
-    with torch.no_grad():
-        zero = base(torch.zeros(1, base.in_features, device=weight.device)).float()
-        return (base(probes.T.contiguous()).float() - zero).T.contiguous()
+    if _readable(base.weight):
+        return weight_fingerprint(full_value(base.weight))
+    probes = fingerprint_probes(base.in_features, base.weight.device)
+    return _through_layer(base, probes.T.contiguous()).T.contiguous()
 
 
 def fingerprint_gap(saved: torch.Tensor, weight: torch.Tensor) -> float:
