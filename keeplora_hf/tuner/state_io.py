@@ -101,6 +101,9 @@ def trust_base() -> bool:
 _LAYER_KEY = re.compile(rf"^(?P<layer>.+)\.{STATE_KEY}\.(?P<field>principal|memory|complement|merged_tasks|fingerprint|task_probe|task(?P<task>\d+)\.(?P<part>lora_A|lora_B|scaling))$")
 
 
+_TASK_FIELD = re.compile(r"task(\d+)\.")  # a finished task's field: task<t>.lora_A / lora_B / scaling
+
+
 def install_state(
     layers: dict[str, LoraLayer], adapter_name: str, config: PeftConfig, tensors: dict[str, torch.Tensor]
 ) -> TaskProgress:
@@ -238,7 +241,7 @@ def _parse_layer_state(name: str, module: LoraLayer, fields: dict[str, torch.Ten
     state.merged_tasks = merged
     state.fingerprint = fields.get("fingerprint")
     state.task_probe = fields.get("task_probe")
-    beyond = sorted(k for k in fields if k.startswith("task") and k != "task_probe" and int(k[4:].split(".")[0]) >= task_index)
+    beyond = sorted(k for k in fields if (task := _TASK_FIELD.match(k)) and int(task[1]) >= task_index)
     if beyond:
         raise ValueError(
             f"saved KeepLoRA state of {name} holds {beyond[0]} but task_index says only {task_index} tasks are finished; "
