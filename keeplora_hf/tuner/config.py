@@ -14,7 +14,7 @@ from torch import nn
 from ..subspace.memory import MEMORY_SOLVERS
 from ..subspace.principal import PRINCIPAL_SOLVERS
 from .adapter_files import check_adapter_files
-from .lora_fields import check_patterns, refuse_unverified_fields
+from .lora_fields import check_ranks_and_alphas, is_integer, refuse_unverified_fields
 from .peft_type import KEEPLORA_PEFT_TYPE
 from .weights import merges_exactly
 
@@ -190,12 +190,7 @@ class KeepLoRAConfig(LoraConfig):
     )
 
     def __post_init__(self) -> None:
-        # checked first: LoraConfig's own checks fail on these with a raw TypeError
-        _check_integer("r", self.r, 1)
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or not (
-            math.isfinite(self.lora_alpha) and self.lora_alpha > 0
-        ):
-            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        check_ranks_and_alphas(self)
         if self.init_lora_weights is not True:
             raise ValueError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported by KeepLoRA: begin_task chooses A from "
@@ -231,7 +226,6 @@ class KeepLoRAConfig(LoraConfig):
         for name, value in (("keep_principal_basis", self.keep_principal_basis), ("train_lora_A", self.train_lora_A)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
-        check_patterns(self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
@@ -251,7 +245,7 @@ def state_torch_dtype(config: KeepLoRAConfig, module: nn.Module) -> torch.dtype:
 
 def _check_integer(name: str, value: object, minimum: int) -> None:
     """`value` must be an integer (a bool is not one) of at least `minimum`, 0 or 1."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not is_integer(value, minimum):
         raise ValueError(f"{name} must be a {'positive' if minimum else 'non-negative'} integer, got {value!r}")
 
 

@@ -88,18 +88,29 @@ def refuse_unverified_fields(config: LoraConfig, method_fields: Collection[str])
     )
 
 
-def check_patterns(config: LoraConfig) -> None:
-    """`rank_pattern` values must be positive integers and `alpha_pattern` values positive finite numbers, as `r` and
-    `lora_alpha` are (a layer with alpha 0 or NaN learns nothing, or NaN)."""
-    for key, rank in config.rank_pattern.items():
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+def check_ranks_and_alphas(config: LoraConfig) -> None:
+    """`r` and every `rank_pattern` value must be positive integers, `lora_alpha` and every `alpha_pattern` value
+    positive finite numbers (a layer with alpha 0 or NaN learns nothing, or NaN). Checked before `LoraConfig`'s own
+    checks, which fail on these with a raw TypeError."""
+    if not is_integer(config.r, 1):
+        raise ValueError(f"r must be a positive integer, got {config.r!r}")
+    if not is_positive_number(config.lora_alpha):
+        raise ValueError(f"lora_alpha must be a positive number, got {config.lora_alpha!r}")
+    for key, rank in (config.rank_pattern or {}).items():
+        if not is_integer(rank, 1):
             raise ValueError(f"rank_pattern[{key!r}] must be a positive integer (a rank), got {rank!r}")
-    for key, alpha in config.alpha_pattern.items():
-        if not _positive_number(alpha):
+    for key, alpha in (config.alpha_pattern or {}).items():
+        if not is_positive_number(alpha):
             raise ValueError(f"alpha_pattern[{key!r}] must be a positive number, as lora_alpha is, got {alpha!r}")
 
 
-def _positive_number(value: object) -> bool:
+def is_integer(value: object, minimum: int) -> bool:
+    """An integer (a bool is not one) of at least `minimum`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def is_positive_number(value: object) -> bool:
+    """A finite number above 0 (a bool is not one)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
