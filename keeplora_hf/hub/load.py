@@ -246,14 +246,14 @@ def export_after(
 
     if index == progress.task_index:
         return export()
-    if merged or language_model_only:  # a merged checkpoint needs the weights as they were after task `index`
-        merged_layers = [m for m in keeplora_layers(tuner.model, tuner.keeplora_adapter()).values() if m.keeplora_state[
-            tuner.keeplora_adapter()].merged_tasks]
-        if merged_layers:
-            raise ValueError(
-                f"this run keeps no adapter after task {index}, and its later tasks are merged into its float32 "
-                "weights, so a merged checkpoint of the first tasks cannot be rebuilt; export the plain LoRA of the "
-                "first tasks (without --merged / --language-model-only), or every learned task"
-            )
+    adapter = tuner.keeplora_adapter()
+    layers = keeplora_layers(tuner.model, adapter).values()
+    # a merged checkpoint of the first tasks needs the weights as they were then, which later merges changed
+    if (merged or language_model_only) and any(layer_state(m, adapter).merged_tasks for m in layers):
+        raise ValueError(
+            f"this run keeps no adapter after task {index}, and its later tasks are merged into its float32 "
+            "weights, so a merged checkpoint of the first tasks cannot be rebuilt; export the plain LoRA of the "
+            "first tasks (without --merged / --language-model-only), or every learned task"
+        )
     with _first_tasks(model, index):
         return export()
