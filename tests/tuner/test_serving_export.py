@@ -29,8 +29,8 @@ CASES = {
 }
 
 
-def _two_tasks(name: str, dtype: torch.dtype, **overrides):
-    model, batches, _ = wrap(name, dtype=dtype, **overrides)
+def _two_tasks(name: str, dtype: torch.dtype, device: str = "cpu", **overrides):
+    model, batches, _ = wrap(name, dtype=dtype, device=device, **overrides)
     for picks in ([0, 1], [1, 2]):
         task = [batches[i] for i in picks]
         begin_task(model, task)
@@ -60,8 +60,8 @@ def _gap(found: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_a_server_style_loader_gives_the_keeplora_logits(tmp_path, name, dtype):
-    model, batches = _two_tasks(name, dtype, **CASES[name])
+def test_a_server_style_loader_gives_the_keeplora_logits(tmp_path, device, name, dtype):
+    model, batches = _two_tasks(name, dtype, device, **CASES[name])
     expected = outputs(model, batches[0])
     export_lora(model, tmp_path / "lora")
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
@@ -69,9 +69,9 @@ def test_a_server_style_loader_gives_the_keeplora_logits(tmp_path, name, dtype):
     assert not config["rank_pattern"] and not config["alpha_pattern"] and config["bias"] == "none"
     assert f"--max-lora-rank {config['r']}" in (tmp_path / "lora" / "README.md").read_text()
 
-    served = serve_like_vllm(build_tiny(name).model.to(dtype), tmp_path / "lora")
+    served = serve_like_vllm(build_tiny(name).model.to(device=device, dtype=dtype), tmp_path / "lora")
     assert _gap(outputs(served, batches[0]), expected) <= _tolerance(expected)
-    plain = PeftModel.from_pretrained(build_tiny(name).model.to(dtype), tmp_path / "lora")  # plain PEFT, exactly too
+    plain = PeftModel.from_pretrained(build_tiny(name).model.to(device=device, dtype=dtype), tmp_path / "lora")  # plain PEFT, exactly too
     assert _gap(outputs(plain, batches[0]), expected) <= _tolerance(expected)
 
 
@@ -86,16 +86,17 @@ def _merged_tolerance(expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_the_merged_checkpoint_is_merge_and_unload_and_loads_with_from_pretrained(tmp_path, name, dtype):
-    model, batches = _two_tasks(name, dtype, modules_to_save=["multi_modal_projector"] if name == "llava" else None)
+def test_the_merged_checkpoint_is_merge_and_unload_and_loads_with_from_pretrained(tmp_path, device, name, dtype):
+    projector = ["multi_modal_projector"] if name == "llava" else None
+    model, batches = _two_tasks(name, dtype, device, modules_to_save=projector)
     expected = outputs(model, batches[0])
     model_class = type(build_tiny(name).model)
     export_merged(model, tmp_path / "merged")
-    merged = model_class.from_pretrained(tmp_path / "merged", dtype=dtype)
+    merged = model_class.from_pretrained(tmp_path / "merged", dtype=dtype).to(device)
     found = outputs(merged, batches[0])
     assert _gap(found, expected) <= _merged_tolerance(expected)
     reference = model.merge_and_unload().state_dict()  # exactly PEFT's own merge, weight for weight
-    assert all(torch.equal(value, reference[key]) for key, value in merged.state_dict().items())
+    assert all(torch.equal(value, reference[key].to(value.device)) for key, value in merged.state_dict().items())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
