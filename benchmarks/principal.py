@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from keeplora_hf.subspace import energy_rank, principal_basis
+from keeplora_hf.subspace import principal_basis, principal_rank
 from measure import configure_threads, timed, write_result
 
 SHAPES = {"q,k,v,o (4096x4096)": (4096, 4096), "gate,up (11008x4096)": (11008, 4096), "down (4096x11008)": (4096, 11008)}
@@ -35,7 +35,7 @@ def _weight(shape: tuple[int, int], seed: int) -> torch.Tensor:
 
 def _svd_reference(weight: torch.Tensor, energy: float) -> tuple[torch.Tensor, torch.Tensor]:
     _, singular, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-    p = energy_rank(singular.square(), energy)
+    p = principal_rank(singular.square(), energy)
     return vh[:p].T, singular
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..subspace.principal import COMPUTE_DTYPE, energy_rank
+from ..subspace.principal import COMPUTE_DTYPE, principal_rank
 
 __all__ = ["LayerSpectrum", "WeightSnapshot", "perturb_residual", "principal_only", "residual_only", "target_spectra"]
 
@@ -77,7 +77,7 @@ class LayerSpectrum:
         return cls(singular.cpu(), vh.to(torch.float32).cpu(), tuple(weight.shape))
 
     def rank(self, energy: float) -> int:
-        return energy_rank(self.singular.square(), energy)
+        return principal_rank(self.singular.square(), energy)
 
     def principal_part(self, weight: torch.Tensor, energy: float) -> torch.Tensor:
         """`W V_p V_pᵀ`: `W` restricted to its `energy` principal subspace (= `U_p Σ_p V_pᵀ` for the weight's own SVD)."""

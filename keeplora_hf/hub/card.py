@@ -25,8 +25,8 @@ CARD_TAGS = ("keeplora", "lora", "continual-learning")
 PLAIN_LORA_DIR = "plain_lora"
 ADAPTER_HYPERPARAMETERS = (
     "r", "lora_alpha", "target_modules", "principal_energy", "feature_energy", "layer_scale_gamma",
-    "gradient_data_ratio", "train_lora_A", "lora_A_init", "feature_source", "lora_dropout", "rank_pattern",
-    "alpha_pattern", "modules_to_save",
+    "gradient_data_ratio", "train_lora_A", "lora_A_init", "feature_source", "activation_statistic", "principal_side",
+    "lora_dropout", "rank_pattern", "alpha_pattern", "modules_to_save",
 )
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..continual.run_dir import ADAPTER_FILES, RunInfo
 from ..export import export_lora, export_merged
-from ..subspace import squared_singular_values
+from ..subspace import principal_source, squared_singular_values
 from ..tuner.layer import layer_state
 from ..tuner.model import STATE_KEY, keeplora_layers, tuner_of
 from ..tuner.weights import base_weight
@@ -118,11 +118,11 @@ def _check_base_fits(info: RunInfo, adapter: Path, base: nn.Module) -> None:
 
     Shapes alone miss a different model of the same architecture and size. `base` is the pre-trained model, before
     the adapter merges its tasks: the weight `W` the principal subspaces were computed from. A layer saves either
-    its principal basis `P` (`d_in x p`), right singular vectors of `W`, so `(W P)^T (W P)` is diagonal for that
-    weight and not for another one (two products); or, when it keeps only the complement of its protected subspace
-    (`keep_principal_basis=False`, the default), the energies of those directions, `W`'s top `p` squared singular
-    values, compared with the given weight's (one float64 Gram eigendecomposition). Two layers are checked; this
-    holds whatever epsilon_w each layer was given (recipes may give some layers their own).
+    its principal basis `P` (`d_in x p`), right singular vectors of `W` (of `W^T` with `principal_side='left'`), so
+    `(W P)^T (W P)` is diagonal for that weight and not for another one (two products); or, when it keeps only the
+    complement of its protected subspace (`keep_principal_basis=False`, the default), the energies of those
+    directions, `W`'s top `p` squared singular values, compared with the given weight's (one float64 Gram
+    eigendecomposition). Two layers are checked; this holds whatever epsilon_w each layer was given (recipes may give some layers their own).
     """
     recorded = (info.adapter_config.get("auto_mapping") or {}).get("base_model_class")
     if recorded and recorded != type(base).__name__:
@@ -131,6 +131,7 @@ def _check_base_fits(info: RunInfo, adapter: Path, base: nn.Module) -> None:
             "KeepLoRA state only fits the model it was computed on"
         )
     suffix = f".{STATE_KEY}.principal"
+    side = info.adapter_config.get("principal_side", "right")
     with safe_open(str(adapter / ADAPTER_FILES[1]), framework="pt") as f:
         keys = sorted(k for k in f.keys() if k.endswith(suffix))
         for key in dict.fromkeys(keys[:1] + keys[-1:]):
@@ -140,7 +141,8 @@ def _check_base_fits(info: RunInfo, adapter: Path, base: nn.Module) -> None:
             except AttributeError:
                 continue  # PEFT reports layers the base lacks
             saved = f.get_tensor(key)
-            misfit = (_energies_misfit if saved.ndim == 1 else _basis_misfit)(name, saved, weight)
+            # the singular values of W and W^T are the same; a basis of left singular vectors is one of W^T's right ones
+            misfit = (_energies_misfit if saved.ndim == 1 else _basis_misfit)(name, saved, principal_source(weight, side))
             if misfit:
                 raise ValueError(f"the base model given is not the one {info.source} was learned on: {misfit}")
 

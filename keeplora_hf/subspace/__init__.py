@@ -2,15 +2,27 @@
 
 from .basis import Subspace, orthogonal_complement, orthonormalize
 from .memory import MEMORY_SOLVERS, FeatureStatistics, extend_memory, memory_directions
-from .principal import PRINCIPAL_SOLVERS, energy_rank, principal_basis, ritz_energies, squared_singular_values
+from .position_mean import PositionMeanStatistics
+from .principal import (
+    PRINCIPAL_SIDES,
+    PRINCIPAL_SOLVERS,
+    energy_rank,
+    principal_basis,
+    principal_rank,
+    principal_source,
+    ritz_energies,
+    squared_singular_values,
+)
 from .residual import complete_rows, project_out, residual_directions, rows_in_residual
 from .sketch import GradientSketch, sketch_rows
 
 __all__ = [
     "MEMORY_SOLVERS",
+    "PRINCIPAL_SIDES",
     "PRINCIPAL_SOLVERS",
     "FeatureStatistics",
     "GradientSketch",
+    "PositionMeanStatistics",
     "Subspace",
     "complete_rows",
     "energy_rank",
@@ -19,6 +31,8 @@ __all__ = [
     "orthogonal_complement",
     "orthonormalize",
     "principal_basis",
+    "principal_rank",
+    "principal_source",
     "project_out",
     "residual_directions",
     "ritz_energies",

@@ -1,4 +1,4 @@
-"""The principal subspace of a pre-trained weight: its top right singular vectors by spectral energy."""
+"""The principal subspace of a pre-trained weight: its top singular vectors by spectral energy, as input directions."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ from .basis import orthonormalize
 
 COMPUTE_DTYPE = torch.float64
 PRINCIPAL_SOLVERS = ("gram", "svd")
+#: which singular vectors of `W` (`d_out x d_in`) are protected as input directions: "right" (those of `W`'s input
+#: space; the reference LLaVA code) or "left" (those of its output space, meaningful only when `d_out == d_in`; the
+#: reference CLIP code)
+PRINCIPAL_SIDES = ("right", "left")
 #: below this many rows in the Gram matrix, "gram" works in float64 (it costs nothing there)
 GRAM_FLOAT64_BELOW = 512
 
@@ -27,15 +31,49 @@ def energy_rank(values: torch.Tensor, energy: float) -> int:
     return int(torch.searchsorted(cumulative, cumulative.new_tensor(energy - 1e-12)).item()) + 1
 
 
+def principal_rank(values: torch.Tensor, energy: float) -> int:
+    """How many principal directions the reference code keeps: those whose cumulative share of `values` (energies,
+    descending) stays below `energy`, at least one.
+
+    That is GPM's first-task count, which the reference applies to the pre-trained weights of CLIP and LLaVA alike: one
+    direction fewer than `energy_rank` (the smallest count reaching `energy`) unless a share lands exactly on `energy`.
+    The ends are exact: `energy == 0` keeps nothing and `energy == 1` every direction with energy (the reference's
+    count would drop the last one there, or not, by rounding).
+    """
+    if energy <= 0 or energy >= 1:
+        return energy_rank(values, energy)
+    total = values.sum()
+    if total <= 0:
+        return 0
+    cumulative = torch.cumsum(values, 0) / total
+    return max(1, int((cumulative < energy).sum().item()))
+
+
+def principal_source(weight: torch.Tensor, side: str) -> torch.Tensor:
+    """The matrix whose right singular vectors are the principal directions on `side`: `W`, or `W^T` for "left"."""
+    if side not in PRINCIPAL_SIDES:
+        raise ValueError(f"principal_side must be one of {PRINCIPAL_SIDES}, got {side!r}")
+    if side == "right":
+        return weight
+    if weight.shape[0] != weight.shape[1]:
+        raise ValueError(
+            f"principal_side='left' protects left singular vectors of W (d_out x d_in) as input directions, which "
+            f"needs a square weight; this one is {weight.shape[0]} x {weight.shape[1]}"
+        )
+    return weight.T
+
+
 def principal_basis(
     weight: torch.Tensor,
     energy: float,
     *,
     solver: str = "svd",
+    side: str = "right",
     return_energies: bool = False,
     rank: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Right singular vectors of `weight` (`d_out x d_in`) holding `energy` of its squared singular values.
+    """The top singular vectors of `weight` (`d_out x d_in`) on `side` (right by default; see `PRINCIPAL_SIDES`),
+    `principal_rank(energy)` of them.
 
     Returns `(d_in, p)` in float64 (the columns are orthonormal). Solvers:
 
@@ -50,6 +88,7 @@ def principal_basis(
     """
     if solver not in PRINCIPAL_SOLVERS:
         raise ValueError(f"solver must be one of {PRINCIPAL_SOLVERS}, got {solver!r}")
+    weight = principal_source(weight, side)
     if rank is not None:
         energy = 1.0
     if energy <= 0 or rank == 0:  # nothing is protected: no decomposition needed
@@ -57,7 +96,7 @@ def principal_basis(
         energies = torch.zeros(0, dtype=COMPUTE_DTYPE)
     elif solver == "svd":
         _, singular, vh = torch.linalg.svd(weight.detach().to(COMPUTE_DTYPE), full_matrices=False)
-        p = energy_rank(singular.square(), energy) if rank is None else min(rank, len(singular))
+        p = principal_rank(singular.square(), energy) if rank is None else min(rank, len(singular))
         basis, energies = vh[:p].T.contiguous(), singular[:p].square().cpu()
     else:
         basis, energies = _principal_from_gram(weight.detach(), energy, rank)
@@ -75,7 +114,7 @@ def _principal_from_gram(weight: torch.Tensor, energy: float, rank: int | None) 
     # eigenvalues at the rounding level of the Gram are zero singular values, not directions with energy
     floor = values[0].clamp_min(0) * side * torch.finfo(dtype).eps
     values = torch.where(values > floor, values, torch.zeros_like(values))
-    p = energy_rank(values.to(COMPUTE_DTYPE), energy) if rank is None else min(rank, side)
+    p = principal_rank(values.to(COMPUTE_DTYPE), energy) if rank is None else min(rank, side)
     if right:
         basis = vectors[:, :p]
     else:  # v_i = W^T u_i / sigma_i; the columns of W^T U_p are orthogonal, QR only normalises them

@@ -12,13 +12,14 @@ from peft import LoraConfig
 from torch import nn
 
 from ..subspace.memory import MEMORY_SOLVERS
-from ..subspace.principal import PRINCIPAL_SOLVERS
+from ..subspace.principal import PRINCIPAL_SIDES, PRINCIPAL_SOLVERS
 from .adapter_files import check_adapter_files
 from .lora_fields import check_ranks_and_alphas, is_integer, refuse_unverified_fields
 from .peft_type import KEEPLORA_PEFT_TYPE
 from .weights import merges_exactly
 
 FEATURE_SOURCES = ("activations", "gradients", "mean_gradient")
+ACTIVATION_STATISTICS = ("second_moment", "position_mean")
 LORA_A_INITS = ("residual_gradient", "random", "minor_singular")
 GRADIENT_ESTIMATORS = ("sketch", "exact")
 STATE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
@@ -36,17 +37,19 @@ class KeepLoRAConfig(LoraConfig):
 
     Args:
         principal_energy (`float`, defaults to 0.6): epsilon_w, the share of each pre-trained weight's spectral energy
-            whose right singular vectors are protected.
+            whose top singular vectors are protected.
         feature_energy (`float`, defaults to 0.99): epsilon_f, the GPM threshold that grows the feature memory.
         layer_scale_gamma (`float`, defaults to 0.2): gamma of the depth scale `gamma + (1 - gamma) l / (L - 1)`.
         gradient_data_ratio (`float`, defaults to 0.2): share of a task's batches for the statistics passes.
         train_lora_A (`bool`, defaults to `False`): also train `A`, re-projected after every optimizer step.
         feature_source (`str`, defaults to `"activations"`): `"activations"`, `"mean_gradient"` or `"gradients"`.
+        activation_statistic (`str`, defaults to `"second_moment"`): `"second_moment"` or `"position_mean"`.
         memory_sketch_rows (`int`, defaults to 512): rows of the mean-gradient sketch.
         lora_A_init (`str`, defaults to `"residual_gradient"`): `"residual_gradient"`, `"random"` or `"minor_singular"`.
         gradient_estimator (`str`, defaults to `"sketch"`): `"sketch"` or `"exact"`.
         sketch_oversampling (`int`, defaults to 64): rows of the gradient sketch beyond `r`.
         principal_solver (`str`, defaults to `"gram"`): `"gram"` or `"svd"`.
+        principal_side (`str`, defaults to `"right"`): `"right"` or `"left"` (square targets only).
         memory_solver (`str`, defaults to `"randomized"`): `"randomized"` or `"eigh"`.
         state_dtype (`str`, defaults to `"auto"`): dtype of the stored bases (float32 on float32/64 bases, float16
             on bf16/fp16/quantized ones).
@@ -59,8 +62,10 @@ class KeepLoRAConfig(LoraConfig):
     principal_energy: float = field(
         default=0.6,
         metadata={
-            "help": "epsilon_w: fraction of a pre-trained weight's spectral energy (sum of squared singular values) "
-            "whose right singular vectors form the protected principal subspace. In [0, 1]; 0 protects nothing."
+            "help": "epsilon_w: the share of a pre-trained weight's spectral energy (sum of squared singular values) "
+            "that sets the protected principal subspace: the top singular vectors (see principal_side) whose "
+            "cumulative share stays below epsilon_w, at least one (the reference code's count). In [0, 1]; 0 "
+            "protects nothing, 1 every direction with energy."
         },
     )
     feature_energy: float = field(
@@ -99,6 +104,18 @@ class KeepLoRAConfig(LoraConfig):
             "model, G^T G (the reference LLaVA code), from a co-range sketch of G (`memory_sketch_rows`), never the "
             "d_out x d_in gradient itself; 'gradients', the sum of per-batch gradient covariances (every target's "
             "full gradient held at once)."
+        },
+    )
+    activation_statistic: Literal["second_moment", "position_mean"] = field(
+        default="second_moment",
+        metadata={
+            "help": "Which statistic of the input activations grows the memory (feature_source='activations'): "
+            "'second_moment', the uncentred second moment of every input row, sum x x^T; 'position_mean', the "
+            "reference CLIP code's: the running mean of the batches' input matrices aligned row by row (a row is one "
+            "token position of one batch slot), whose left singular vectors are the memory's candidates. It needs "
+            "batches of one shape (a batch of another row count, such as a short last batch, is left out, as the "
+            "reference's drop_last does) and holds a rows x d_in matrix per target. Measured side by side in "
+            "docs/method.md."
         },
     )
     memory_sketch_rows: int = field(
@@ -142,6 +159,16 @@ class KeepLoRAConfig(LoraConfig):
             "help": "How the principal subspace of each pre-trained weight is found on the first task. 'gram': "
             "eigendecomposition of the smaller Gram matrix (float32 above 512 rows), several times faster than "
             "'svd': a full float64 SVD (the reference). Both give the same p; the subspaces agree to about 1e-5."
+        },
+    )
+    principal_side: Literal["right", "left"] = field(
+        default="right",
+        metadata={
+            "help": "Which singular vectors of each pre-trained weight W (d_out x d_in) form the principal subspace "
+            "that A is kept orthogonal to: 'right', those of W's input space (the reference LLaVA code); 'left', the "
+            "left singular vectors, of W's output space, used as input directions (the reference CLIP code's "
+            "U[:, :p] of svd(W)). 'left' is only defined for square targets (CLIP's q, k, v, out_proj) and refused "
+            "on others. Measured side by side in docs/method.md."
         },
     )
     memory_solver: Literal["randomized", "eigh"] = field(
@@ -212,6 +239,8 @@ class KeepLoRAConfig(LoraConfig):
         _check_range("gradient_data_ratio", self.gradient_data_ratio, 0.0, 1.0, "(0, 1]", low_open=True)
         for name, value, allowed in (
             ("feature_source", self.feature_source, FEATURE_SOURCES),
+            ("activation_statistic", self.activation_statistic, ACTIVATION_STATISTICS),
+            ("principal_side", self.principal_side, PRINCIPAL_SIDES),
             ("lora_A_init", self.lora_A_init, LORA_A_INITS),
             ("gradient_estimator", self.gradient_estimator, GRADIENT_ESTIMATORS),
             ("principal_solver", self.principal_solver, PRINCIPAL_SOLVERS),
@@ -221,6 +250,12 @@ class KeepLoRAConfig(LoraConfig):
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.activation_statistic != "second_moment" and self.feature_source != "activations":
+            raise ValueError(
+                f"activation_statistic={self.activation_statistic!r} is a statistic of the input activations, but "
+                f"feature_source={self.feature_source!r} builds the memory from gradients: set "
+                "feature_source='activations', or leave activation_statistic at 'second_moment'"
+            )
         _check_integer("sketch_oversampling", self.sketch_oversampling, 0)
         _check_integer("memory_sketch_rows", self.memory_sketch_rows, 1)
         for name, value in (("keep_principal_basis", self.keep_principal_basis), ("train_lora_A", self.train_lora_A)):

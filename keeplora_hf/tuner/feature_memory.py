@@ -3,6 +3,7 @@ input activations, the task's mean weight gradient (through a co-range sketch), 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from ..process_group import all_reduce_sum_
 from ..subspace import FeatureStatistics, GradientSketch
+from ..subspace.position_mean import PositionMeanStatistics
 from .config import KeepLoRAConfig
 from .context import TaskContext, task_context
 from .statistics import (
@@ -41,7 +43,8 @@ def feature_covariances(
 ) -> Mapping[str, torch.Tensor]:
     """Each target's `d_in x d_in` feature statistic on the task's data, from which `end_task` grows the memory.
 
-    By `feature_source`: the second moment of the layer's inputs (`activations`); `G^T G` of the task's mean weight
+    By `feature_source`: the second moment of the layer's inputs (`activations`; or, by `activation_statistic`, the
+    reference CLIP code's `M^T M` of their position-aligned mean `M`); `G^T G` of the task's mean weight
     gradient `G` at the model as it is (`mean_gradient`, sketched); or the sum of per-batch `G_b^T G_b` (`gradients`).
     Summed across data-parallel ranks. `context`: end_task's, when it calls this.
     """
@@ -54,8 +57,9 @@ def feature_covariances(
     batches = task_batches(dataloader, config.gradient_data_ratio, max_batches)
     if config.feature_source == "mean_gradient":
         return _mean_gradient_covariances(network, layers, batches, config, task_index, loss_fn, dtype)
+    statistic = PositionMeanStatistics if config.activation_statistic == "position_mean" else FeatureStatistics
     stats = {
-        name: FeatureStatistics(m.get_base_layer().in_features, m.get_base_layer().weight.device, dtype=dtype)
+        name: statistic(m.get_base_layer().in_features, m.get_base_layer().weight.device, dtype=dtype)
         for name, m in layers.items()
     }
     if config.feature_source == "activations":
@@ -77,8 +81,25 @@ def feature_covariances(
     sources = {name: shared.get(name, name) for name in layers}
     for name, source in sources.items():  # in module order: every rank must reduce the same tensors in the same order
         if source == name:
-            check_finite(all_reduce_sum_(stats[name].covariance), name, "feature covariance")
+            check_finite(_summed_covariance(stats[name]), name, "feature covariance")
     return {name: stats[source].covariance for name, source in sources.items()}
+
+
+def _summed_covariance(statistic: FeatureStatistics | PositionMeanStatistics) -> torch.Tensor:
+    """The statistic summed across data-parallel ranks: the second moment itself, or the position-aligned sums (and
+    batch counts) that the mean's `M^T M` is formed from."""
+    if isinstance(statistic, FeatureStatistics):
+        return all_reduce_sum_(statistic.covariance)
+    if statistic.skipped:
+        warnings.warn(
+            f"activation_statistic='position_mean' left out {statistic.skipped} batch(es) whose row count differs from "
+            "the first batch's (the reference drops a short last batch too)",
+            stacklevel=3,
+        )
+    all_reduce_sum_(statistic.batches)
+    if statistic.total is not None:
+        all_reduce_sum_(statistic.total)
+    return statistic.covariance
 
 
 def _mean_gradient_covariances(

@@ -122,7 +122,7 @@ def begin_task(
     fresh = _first_task_states(ctx)
     states = {name: fresh[name] if name in fresh else ctx.state(name) for name in ctx.layers}
     for name, state in states.items():
-        state.bind(ctx.layers[name], ctx.config.principal_solver)
+        state.bind(ctx.layers[name], ctx.config.principal_solver, ctx.config.principal_side)
     # 2. the task's gradient, and its top directions inside each layer's residual subspace
     directions = _gradient_directions(ctx, states, dataloader, max_batches, loss_fn)
     for name, state in fresh.items():
@@ -194,7 +194,9 @@ def first_task_state(module: LoraLayer, config: KeepLoRAConfig, energy: float | 
     energy (default `principal_energy`), an empty memory, and the weight's fingerprint."""
     weight = base_weight(module)
     energy = config.principal_energy if energy is None else energy
-    principal, energies = principal_basis(weight, energy, solver=config.principal_solver, return_energies=True)
+    principal, energies = principal_basis(
+        weight, energy, solver=config.principal_solver, side=config.principal_side, return_energies=True
+    )
     dtype = state_torch_dtype(config, module)
     state = KeepLoRALayerState(
         principal.to(dtype), principal.new_zeros(principal.shape[0], 0).to(dtype), principal_energies=energies

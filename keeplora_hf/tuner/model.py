@@ -43,6 +43,12 @@ class KeepLoRAModel(LoraModel):
                 f"KeepLoRA targets must be nn.Linear layers, but {current_key!r} is {type(base).__name__}. "
                 "Narrow target_modules to linear projections."
             )
+        if lora_config.principal_side == "left" and base.in_features != base.out_features:
+            raise ValueError(
+                f"principal_side='left' protects left singular vectors of each weight as input directions, which needs "
+                f"square targets, but {current_key!r} is {base.out_features} x {base.in_features} (d_out x d_in). "
+                "Narrow target_modules to square projections (CLIP's q, k, v, out_proj), or use principal_side='right'."
+            )
         if is_sharded(base.weight):
             raise ValueError(
                 f"the base weight of {current_key!r} is already sharded (FSDP2 fully_shard or DeepSpeed ZeRO-3): LoRA "

@@ -177,7 +177,7 @@ def install_state(
         with torch.no_grad():  # task by task, as end_task merged them, so the weights get the same bits
             for task in state.tasks[already : state.merged_tasks]:
                 apply_delta_(module.get_base_layer().weight, task.delta())
-        state.bind(module, config.principal_solver)
+        state.bind(module, config.principal_solver, config.principal_side)
         state.task_open = in_task
         set_layer_state(module, adapter_name, state)
     return TaskProgress(task_index, in_task)

@@ -19,7 +19,7 @@ from keeplora_hf.analysis import (
 from keeplora_hf.analysis.interventions import perturb_residual, principal_only, residual_only, target_spectra
 from keeplora_hf.analysis.measure import _reset_energy
 from keeplora_hf.analysis.probe import train_lora, training_batches
-from keeplora_hf.subspace.principal import energy_rank, principal_basis
+from keeplora_hf.subspace.principal import principal_basis, principal_rank
 from keeplora_hf.tuner.depth import layer_scales
 
 
@@ -80,7 +80,7 @@ def test_principal_and_residual_parts_split_the_weight_along_the_methods_basis(s
     for name in names[:3] + names[-2:]:
         weight, spectrum = snapshot.original[name], spectra[name]
         basis = principal_basis(weight, energy)  # the basis KeepLoRA++ protects, (d_in, p)
-        assert spectrum.rank(energy) == basis.shape[1] == energy_rank(spectrum.singular.square(), energy)
+        assert spectrum.rank(energy) == basis.shape[1] == principal_rank(spectrum.singular.square(), energy)
         principal = spectrum.principal_part(weight, energy)
         residual = spectrum.residual_part(weight, energy)
         torch.testing.assert_close(principal + residual, weight.double(), atol=1e-12, rtol=0)
