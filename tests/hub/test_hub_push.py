@@ -236,7 +236,7 @@ def _saved_principal(run, after_task: int) -> dict[str, torch.Tensor]:
     [
         # the default keeps only the energies of layers that store their complement: both checked layers after 2 tasks
         ("toy_run", 2, {1}, "the principal energies saved for model.language_model.layers.0.mlp.down_proj are not "
-                            "that layer's top 5 squared singular values"),
+                            "that layer's top 4 squared singular values"),
         ("toy_run", 1, {1, 2}, "the principal basis saved for model.language_model.layers.0.mlp.down_proj"),
         ("toy_run_with_bases", 2, {2}, "the principal basis saved for model.language_model.layers.0.mlp.down_proj is "
                                        "not made of singular vectors"),
