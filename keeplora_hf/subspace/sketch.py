@@ -13,8 +13,10 @@ those of `G'` as `l` grows ("sketch and solve"). It is exact when `l >= d_out` (
 error shrinks with the gradient's spectral decay: tests/subspace/test_sketch.py bounds the captured gradient energy
 `||G' A^T||_F^2` against the exact SVD's.
 
-Memory per layer is `l * (d_in + d_out)` floats instead of `d_out * d_in`; the cost per token is `l * (d_in + d_out)`
-multiply-adds instead of `d_in * d_out`. `X` is linear in `G`, so batches and data-parallel ranks are summed exactly.
+Memory per layer is `l * d_in` floats instead of `d_out * d_in`, plus one `Psi` per distinct `(l, d_out)` shared by every
+layer of that shape (`SketchMatrices`: each layer's guarantee needs only that `Psi` is drawn independently of its own
+gradient, so layers may share one); the cost per token is `l * (d_in + d_out)` multiply-adds instead of `d_in * d_out`.
+`X` is linear in `G`, so batches and data-parallel ranks are summed exactly.
 """
 
 from __future__ import annotations
@@ -42,18 +44,48 @@ def sketch_matrix(rows: int, d_out: int, seed: int) -> torch.Tensor:
     return q.T.contiguous()
 
 
+class SketchMatrices:
+    """One `Psi` per `(rows, d_out, device)`, drawn from `seed` on first use and shared by the layers of that shape: a
+    pass over a model with hundreds of targets holds a few test matrices, not one per target."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._drawn: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def get(self, rows: int, d_out: int, device: torch.device | str) -> torch.Tensor:
+        key = (rows, d_out, str(device))
+        if key not in self._drawn:
+            self._drawn[key] = sketch_matrix(rows, d_out, self.seed + d_out).to(device)
+        return self._drawn[key]
+
+
 class GradientSketch:
     """The co-range sketch `Psi G` of one layer's weight gradient, accumulated from `(inputs, output_grads)`.
 
-    `seed` fixes `Psi`, so every data-parallel rank draws the same one and the sums can be all-reduced.
+    `seed` fixes `Psi` (and the rows `residual_directions` adds where the residual is too narrow), so every data-parallel
+    rank draws the same one and the sums can be all-reduced; `shared` gives the layer a `Psi` it shares with the
+    other layers of its shape instead.
     """
 
     def __init__(
-        self, d_out: int, d_in: int, rank: int, oversampling: int, *, seed: int, device: torch.device | str = "cpu"
+        self,
+        d_out: int,
+        d_in: int,
+        rank: int,
+        oversampling: int,
+        *,
+        seed: int,
+        device: torch.device | str = "cpu",
+        shared: SketchMatrices | None = None,
     ) -> None:
         rows = sketch_rows(rank, oversampling, d_out)
-        self.psi = sketch_matrix(rows, d_out, seed).to(device)
         self.exact = rows >= d_out
+        if self.exact:
+            self.psi = None  # the identity: `update` adds `g^T x` itself
+        elif shared is not None:
+            self.psi = shared.get(rows, d_out, device)
+        else:
+            self.psi = sketch_matrix(rows, d_out, seed).to(device)
         self.sketch = torch.zeros(rows, d_in, dtype=SKETCH_DTYPE, device=device)
         self.seed = seed
 

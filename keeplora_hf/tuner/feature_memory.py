@@ -14,6 +14,7 @@ from torch import nn
 from ..process_group import all_reduce_sum_
 from ..subspace import FeatureStatistics, GradientSketch
 from ..subspace.position_mean import PositionMeanStatistics
+from ..subspace.sketch import SketchMatrices
 from .config import KeepLoRAConfig
 from .context import TaskContext, task_context
 from .statistics import (
@@ -115,8 +116,10 @@ def _mean_gradient_covariances(
 
     Each target accumulates the co-range sketch `X = Psi G` (`memory_sketch_rows x d_in`, `Psi` with orthonormal rows,
     the identity once the rows reach `d_out`), so `X^T X = G^T Psi^T Psi G`: exactly `G^T G` when the sketch is exact,
-    otherwise its compression onto the sketch's rows, which keeps the top input-side directions of `G`.
+    otherwise its compression onto the sketch's rows, which keeps the top input-side directions of `G`. Targets of
+    the same output width share one `Psi`.
     """
+    shared = SketchMatrices(layer_seed(task_index, len(layers)) + _MEMORY_SEED_OFFSET)
     sketches = {
         name: GradientSketch(
             m.get_base_layer().out_features,
@@ -125,6 +128,7 @@ def _mean_gradient_covariances(
             0,
             seed=layer_seed(task_index, index) + _MEMORY_SEED_OFFSET,
             device=m.get_base_layer().weight.device,
+            shared=shared,
         )
         for index, (name, m) in enumerate(layers.items())
     }

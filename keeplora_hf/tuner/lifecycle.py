@@ -22,6 +22,7 @@ from ..subspace import (
     residual_directions,
 )
 from ..subspace.basis import EXACT_DTYPES, WORK_DTYPE
+from ..subspace.sketch import SketchMatrices
 from .config import KeepLoRAConfig, state_torch_dtype
 from .context import TaskContext, task_context
 from .feature_memory import feature_covariances
@@ -231,6 +232,7 @@ def _gradient_directions(
         count = weight_gradient_pass(model, layers, batches, loss_fn, accumulate, description=description)
         received = set(gradients)
     else:
+        shared = SketchMatrices(layer_seed(task_index, len(layers)))
         sketches = {
             name: GradientSketch(
                 m.get_base_layer().out_features,
@@ -239,6 +241,7 @@ def _gradient_directions(
                 config.sketch_oversampling,
                 seed=layer_seed(task_index, index),
                 device=m.get_base_layer().weight.device,
+                shared=shared,
             )
             for index, (name, m) in enumerate(layers.items())
         }

@@ -97,3 +97,20 @@ def test_zero_gradient_and_small_residual_still_give_valid_rows():
     assert torch.allclose(rows[:3] @ rows[:3].T, torch.eye(3, dtype=rows.dtype), atol=1e-10)
     assert torch.count_nonzero(rows[3:]) == 0
     assert (rows @ protected.basis()).abs().max() < 1e-10
+
+
+def test_layers_of_one_shape_share_one_psi_and_each_sketch_is_psi_times_its_gradient():
+    """A pass holds one test matrix per (rows, d_out), not one per target; each layer's sketch is still `Psi G`."""
+    from keeplora_hf.subspace.sketch import SketchMatrices
+
+    shared = SketchMatrices(seed=11)
+    (x1, g1), (x2, g2) = _gradient_data(40, 30, 0.5, seed=1), _gradient_data(40, 30, 0.5, seed=2)
+    first = GradientSketch(40, 30, 4, 6, seed=1, shared=shared)
+    second = GradientSketch(40, 30, 4, 6, seed=2, shared=shared)
+    other_width = GradientSketch(50, 30, 4, 6, seed=3, shared=shared)
+    assert first.psi is second.psi and other_width.psi.shape == (10, 50)
+    for sketch, x, grads in ((first, x1, g1), (second, x2, g2)):
+        sketch.update(x, grads)
+        gradient = grads.double().T @ x.double()
+        assert torch.allclose(sketch.sketch.double(), first.psi.double() @ gradient, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(first.psi.double() @ first.psi.double().T, torch.eye(10, dtype=torch.float64), atol=1e-6)
