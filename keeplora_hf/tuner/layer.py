@@ -137,8 +137,13 @@ def _add_branch(base: nn.Module, args: tuple, output: torch.Tensor) -> torch.Ten
     if call is None:
         return output
     call["dtype"] = output.dtype
+    groups = call["groups"]
+    if len(groups) == 1 and groups[0][0] is None:  # every row: the branch's own float32 tensor takes the base output
+        branches = [state.branch(args[0]) for state in groups[0][1]]
+        branch = branches[0] if len(branches) == 1 else sum(branches)
+        return branch.add_(output)  # = output.float() + branch, bit for bit, without a float32 copy of the output
     total = output.to(TASK_DTYPE)
-    for rows, states in call["groups"]:
+    for rows, states in groups:
         if rows is None:
             total = total + sum(state.branch(args[0]) for state in states)
         else:
