@@ -9,6 +9,9 @@
   language model's targets, and `base_model/` beside it is a merged checkpoint of everything else the sequence
   changed (vision-tower targets, a fully trained projector), so the pair reproduces the model.
 - `export_merged`: one `save_pretrained` checkpoint with everything folded in, for any server.
+- KeepLoRA++cls's classifier heads, which neither a LoRA adapter nor a transformers checkpoint can carry, are written
+  beside either as `keeplora_heads.safetensors`; `keeplora_hf.tuner.heads.load_task_heads` attaches them to the
+  loaded model.
 
 An export never replaces anything it did not write (`keeplora_export.json` lists what it wrote).
 """
@@ -30,6 +33,7 @@ from torch import nn
 from .continual.checkpoint import atomic_directory, with_default_mode
 from .continual.run_dir import ADAPTER_FILES, RUN_FILE
 from .merged_checkpoint import layer_updates, write_merged_checkpoint
+from .tuner.heads import save_task_heads
 from .tuner.model import KeepLoRAModel, keeplora_layers, tuner_of
 
 #: the file every export writes, listing the entries it wrote: what `overwrite` may replace
@@ -87,6 +91,7 @@ def export_lora(
             write_merged_checkpoint(tuner, adapter, staging / MERGED_BASE_DIR, folded=set(layers) - set(served))
             copy_processor_files(processor_from, staging / MERGED_BASE_DIR)
         (staging / SERVING_README).write_text(serving_readme(rank, sorted(served), language_model_only))
+        _write_heads(tuner, staging)
 
     return _write_atomically(Path(path), write, overwrite)
 
@@ -108,8 +113,16 @@ def export_merged(
     def write(staging: Path) -> None:
         write_merged_checkpoint(tuner, adapter, staging, folded=set(layers))
         copy_processor_files(processor_from, staging)
+        _write_heads(tuner, staging)
 
     return _write_atomically(Path(path), write, overwrite)
+
+
+def _write_heads(tuner: KeepLoRAModel, staging: Path) -> None:
+    """The classifier heads (KeepLoRA++cls), if the model has them, beside the export."""
+    path = save_task_heads(tuner.model, staging)
+    if path is not None:
+        with_default_mode(path)  # safetensors writes it 0600
 
 
 #: the tokenizer and processor files of a checkpoint folder, copied beside a merged export

@@ -18,6 +18,7 @@ from peft.tuners.lora import LoraLayer
 
 from .sharding import is_sharded
 from .tuner.finished import FinishedTask, merged_delta
+from .tuner.heads import HEADS_ATTR
 from .tuner.layer import layer_state
 from .tuner.model import KeepLoRAModel, keeplora_layers
 from .tuner.weights import is_quantized
@@ -72,8 +73,11 @@ def _target_weight(module: LoraLayer, adapter: str, *, merge: bool) -> torch.Ten
     return (weight.float() - merged_delta(updates[: state.merged_tasks]).to(weight.device)).to(weight.dtype)
 
 
-#: module names under which a PEFT-wrapped model keeps adapter tensors, never written into a base checkpoint
-ADAPTER_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "keeplora_state")
+#: module names under which a PEFT-wrapped model keeps adapter tensors, never written into a base checkpoint (the
+#: classifier heads of KeepLoRA++cls go into their own file beside it)
+ADAPTER_MARKERS = (
+    "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "keeplora_state", HEADS_ATTR,
+)
 
 
 def _base_key(key: str, adapter: str) -> str | None:

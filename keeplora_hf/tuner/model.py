@@ -11,6 +11,7 @@ from torch import nn
 from ..sharding import full_value, is_partitioned, is_sharded, zero_
 from .depth import layer_scales
 from .factors import keep_float32_
+from .heads import HEADS_KEY, head_tensors, install_heads
 from .layer import STATE_ATTR, has_layer_state, layer_state, row_adapters
 from .peft_type import KEEPLORA_PEFT_TYPE
 from .state_io import STATE_KEY, TaskProgress, install_state, state_tensors
@@ -188,13 +189,19 @@ class KeepLoRAModel(LoraModel):
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         to_return = {key: full_value(value) for key, value in to_return.items()}
         to_return.update(continual_state_dict(model, adapter_name))
+        to_return.update(head_tensors(tuner_of(model).model))  # KeepLoRA++cls's classifier heads, if it has them
         return to_return
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         continual = {k: v for k, v in state_dict.items() if STATE_KEY in k}
-        rest = {k: v for k, v in state_dict.items() if STATE_KEY not in k}
+        heads = {k: v for k, v in state_dict.items() if k.startswith(f"{HEADS_KEY}.")}
+        rest = {k: v for k, v in state_dict.items() if STATE_KEY not in k and k not in heads}
         load_continual_state(model, adapter_name, continual)
+        if heads:  # the head of a task under way (the last one) trains on when the adapter is loaded to train
+            in_task = tuner_of(model).progress(adapter_name).in_task and not config.inference_mode
+            last = sum(k.endswith(".weight") for k in heads) - 1
+            install_heads(tuner_of(model).model, heads, "the adapter's weights", trainable=last if in_task else None)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, rest)
 
 
