@@ -10,8 +10,9 @@ A recipe is a YAML file (plus command-line overrides) read by `parse_recipe_args
   `data_root` (`--data_root /data/UCIT` is the one path to set).
 
 Modules: `arguments` (that parsing), `distributed` (the set-ups refused), `loading` (models by family, `tiny:<name>`),
-`adapter` (the `keeplora:` section), `optim` (the projector's learning rate), `tasks` (task files to runner tasks),
-`clip` (CLIP's loss and zero-shot metric), `run` (the whole run), `tiny_data` (the tiny configs' synthetic data).
+`adapter` (the `keeplora:` section), `optim` (the projector's learning rate), `task_trainer` (each task's Trainer:
+its own learning rate and epochs, OneCycleLR), `tasks` (task files to runner tasks), `clip` (CLIP's loss and
+zero-shot metric), `run` (the whole run), `tiny_data` (the tiny configs' synthetic data).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .distributed import loaded_whole, refuse_unsupported_sharding
 from .loading import FAMILY_OF_MODEL_TYPE, PROJECTOR_MODULES, VIDEO_FAMILIES, load_clip, load_vlm
 from .optim import projector_optimizer
 from .run import prepare, run_chat_recipe, run_recipe
+from .task_trainer import OneCycleKeepLoRATrainer, TaskTrainers
 from .tasks import build_chat_tasks, build_classification_tasks, chat_collator, chat_media
 from .tiny_data import TINY_DATA_WRITERS, write_tiny_classification_data, write_tiny_video_data, write_tiny_vqa_data
 
@@ -30,11 +32,13 @@ __all__ = [
     "DataArguments",
     "FAMILY_OF_MODEL_TYPE",
     "ModelArguments",
+    "OneCycleKeepLoRATrainer",
     "PROJECTOR_MODULES",
     "RecipeArguments",
     "RecipeConfig",
     "TINY_DATA_WRITERS",
     "TaskClipCollator",
+    "TaskTrainers",
     "VIDEO_FAMILIES",
     "build_chat_tasks",
     "build_classification_tasks",

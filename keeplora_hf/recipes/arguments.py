@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
@@ -20,7 +20,9 @@ from transformers import HfArgumentParser, TrainingArguments
 from ..continual.run_dir import check_task_name
 from .distributed import refuse_unsupported_sharding
 
-__all__ = ["DataArguments", "ModelArguments", "RecipeArguments", "RecipeConfig", "parse_recipe_args"]
+__all__ = [
+    "DataArguments", "ModelArguments", "RecipeArguments", "RecipeConfig", "TASK_TRAINING_KEYS", "parse_recipe_args",
+]
 
 
 @dataclass
@@ -96,6 +98,11 @@ class DataArguments:
         default=False, metadata={"help": "Write the small synthetic data set of the tiny configs into data_root."}
     )
     clip_prompt: str = field(default="a photo of a {}.", metadata={"help": "CLIP class prompt (per task: prompt)."})
+    class_names_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder the tasks' class_names files are relative to (default: data_root). Written "
+                  "relative in a YAML file, it is taken from that file's folder (recipes ship their class names)."},
+    )
 
 
 @dataclass
@@ -106,8 +113,18 @@ class RecipeArguments:
     overwrite_run: bool = field(
         default=False, metadata={"help": "Replace a run with another configuration in output_dir."}
     )
+    lr_schedule: Literal["trainer", "one_cycle"] = field(
+        default="trainer",
+        metadata={"help": "'trainer': the Trainer's lr_scheduler_type and warmup. 'one_cycle': torch's OneCycleLR over "
+                  "each task's optimizer steps with its defaults (warm-up over the first 0.3 from lr / 25, cosine down "
+                  "to lr / 25e4, Adam's beta1 cycled 0.95 -> 0.85 -> 0.95), the reference MTIL schedule; "
+                  "lr_scheduler_type and warmup_steps are then unused."},
+    )
 
 
+LR_SCHEDULES = ("trainer", "one_cycle")
+# TrainingArguments fields a `tasks:` entry may set for itself (the reference's per-task learning rates and epochs)
+TASK_TRAINING_KEYS = ("learning_rate", "num_train_epochs")
 SECTION_KEYS = ("keeplora", "tasks", "general_sets")
 
 
@@ -127,10 +144,15 @@ class RecipeConfig:
         return json.loads(json.dumps({
             "model": dataclasses.asdict(self.model),
             "data": {k: v for k, v in dataclasses.asdict(self.data).items() if k != "check_lengths"},
+            "lr_schedule": self.recipe.lr_schedule,
             "keeplora": self.keeplora,
             "tasks": self.tasks,
             "general_sets": self.general_sets,
         }, default=str))
+
+    def task_training(self) -> dict[str, dict[str, float]]:
+        """Each task's own TrainingArguments values (`TASK_TRAINING_KEYS` its `tasks:` entry sets), by task name."""
+        return {t["name"]: {k: t[k] for k in TASK_TRAINING_KEYS if k in t} for t in self.tasks}
 
 
 def _yaml_value(text: str) -> Any:
@@ -138,6 +160,19 @@ def _yaml_value(text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+def _check_task_training(task: dict[str, Any], config_path: str | None) -> None:
+    """A task's own learning_rate / num_train_epochs: positive numbers, refused with the file, task and field named."""
+    for key in TASK_TRAINING_KEYS:
+        if key not in task:
+            continue
+        value = task[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            hint = " (YAML reads 1e-4 as text: write 1.0e-4)" if isinstance(value, str) else ""
+            raise ValueError(
+                f"{config_path}: task {task['name']!r}: {key} must be a positive number, got {value!r}{hint}"
+            )
 
 
 def parse_recipe_args(argv: Sequence[str] | None = None) -> RecipeConfig:
@@ -165,6 +200,9 @@ def parse_recipe_args(argv: Sequence[str] | None = None) -> RecipeConfig:
                 raise ValueError(f"{config_path}: not valid YAML: {error}") from error
         if not isinstance(values, dict):
             raise ValueError(f"{config_path}: a recipe config must be a YAML mapping")
+        names_dir = values.get("class_names_dir")
+        if isinstance(names_dir, str) and not os.path.isabs(names_dir):
+            values["class_names_dir"] = os.path.join(os.path.dirname(os.path.abspath(config_path)), names_dir)
     sections = {key: copy.deepcopy(values.pop(key, None)) for key in SECTION_KEYS}
     keeplora = dict(sections["keeplora"] or {})
     remaining = []
@@ -202,6 +240,9 @@ def parse_recipe_args(argv: Sequence[str] | None = None) -> RecipeConfig:
             check_task_name(task["name"])
         except ValueError as error:
             raise ValueError(f"{config_path}: {error}") from None
+        _check_task_training(task, config_path)
+    if recipe.lr_schedule not in LR_SCHEDULES:  # a YAML value is a default, which argparse does not check
+        raise ValueError(f"{config_path}: lr_schedule must be one of {LR_SCHEDULES}, got {recipe.lr_schedule!r}")
     general = sections["general_sets"] or []
     if not isinstance(general, list) or not all(isinstance(g, dict) and g.get("name") for g in general):
         raise ValueError(f"{config_path}: `general_sets:` must be a list of mappings, each with a `name`")

@@ -17,7 +17,7 @@ from .adapter import keeplora_config, seed_principal_energy
 from .arguments import RecipeConfig, parse_recipe_args
 from .distributed import loaded_whole, refuse_unsupported_sharding
 from .loading import PROJECTOR_MODULES, load_vlm
-from .optim import projector_optimizer
+from .task_trainer import TaskTrainers
 from .tasks import build_chat_tasks, chat_collator
 from .tiny_data import TINY_DATA_WRITERS
 
@@ -54,7 +54,11 @@ def run_recipe(
     principal_energy_pattern: dict[str, float] | None = None,
     peft_config: KeepLoRAConfig,
 ) -> dict[str, Any]:
-    """Wrap `model` with KeepLoRA, run the sequence with `ContinualRunner`, return (and write) the results."""
+    """Wrap `model` with KeepLoRA, run the sequence with `ContinualRunner`, return (and write) the results.
+
+    Each task is trained with its own `learning_rate` / `num_train_epochs` where its `tasks:` entry sets them, the
+    projector at `projector_learning_rate` when it is trained, and OneCycleLR when `lr_schedule` asks for it.
+    """
     training = config.training
     if getattr(training, "activation_checkpointing", training.gradient_checkpointing) and hasattr(
         model, "enable_input_require_grads"
@@ -77,6 +81,11 @@ def run_recipe(
         run_config={"recipe": config.describe()},
         overwrite=config.recipe.overwrite_run,
         trainer_kwargs=trainer_kwargs,
+        trainer_class=TaskTrainers(
+            tasks, config.task_training(),
+            projector_lr=config.model.projector_learning_rate if config.model.train_projector else None,
+            one_cycle=config.recipe.lr_schedule == "one_cycle",
+        ),
     )
     return runner.run()
 
@@ -96,8 +105,5 @@ def run_chat_recipe(argv: Sequence[str] | None, media: str) -> dict[str, Any]:
 
     projector = config.model.projector_modules or PROJECTOR_MODULES[family]
     peft_config, energy_pattern = keeplora_config(config.keeplora, projector if config.model.train_projector else ())
-    trainer_kwargs = {}
-    if config.model.train_projector:
-        trainer_kwargs.update(projector_optimizer(config.training, config.model.projector_learning_rate))
-    return run_recipe(config, model, tasks, general, collator, trainer_kwargs=trainer_kwargs,
-                      principal_energy_pattern=energy_pattern, peft_config=peft_config)
+    return run_recipe(config, model, tasks, general, collator, principal_energy_pattern=energy_pattern,
+                      peft_config=peft_config)

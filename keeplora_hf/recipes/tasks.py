@@ -17,7 +17,7 @@ from ..data.classification import load_classification
 from ..data.formats import load_llava_json, load_video_qa_json
 from ..data.rows import DataFormatError, read_rows, row_name, source_of
 from ..distributed import gather_lists, rank_and_world
-from .arguments import RecipeConfig
+from .arguments import TASK_TRAINING_KEYS, RecipeConfig
 from .clip import TaskClipCollator, clip_zero_shot_metric
 from .loading import VIDEO_FAMILIES
 
@@ -111,7 +111,8 @@ def build_chat_tasks(
 
     Each task entry: `name`, `train_file`, `eval_file`, `image_folder` (or `video_folder`; default: data_root),
     `metric` (a normaliser of `generation_metric`: exact_match, vqa, multiple_choice, token_f1), optional
-    `max_new_tokens`, `eval_max_samples`. General sets: `name`, `eval_file`, folder, `metric`.
+    `max_new_tokens`, `eval_max_samples`, and the task's own `learning_rate` / `num_train_epochs`. General sets:
+    `name`, `eval_file`, folder, `metric`.
     """
     if media not in ("image", "video"):
         raise ValueError(f"media must be image or video, got {media!r}")
@@ -134,7 +135,7 @@ def build_chat_tasks(
 
     known = {"name", "train_file", "eval_file", folder_key, "metric", "max_new_tokens", "eval_max_samples"}
     for entry, splits in [(t, ("train", "eval")) for t in config.tasks] + [(g, ("eval",)) for g in config.general_sets]:
-        unknown = sorted(set(entry) - known)
+        unknown = sorted(set(entry) - known - (set(TASK_TRAINING_KEYS) if "train" in splits else set()))
         if unknown:
             raise ValueError(
                 f"{config.source}: task {entry['name']!r} has unknown keys {unknown}; known: {sorted(known)}"
@@ -185,19 +186,20 @@ def build_classification_tasks(
     config: RecipeConfig, processor: Any
 ) -> tuple[list[ContinualTask], list[GeneralSet], TaskClipCollator]:
     """CLIP tasks: `name`, `train` / `eval` (a class-folder tree, or a CSV/JSON table with `image_folder`),
-    optional `class_names` (a list, or a file of one name per line / a JSON list) and `prompt` ("a photo of a {}.")."""
+    optional `class_names` (a list, or a file of one name per line / a JSON list, relative to `class_names_dir`),
+    `prompt` ("a photo of a {}.") and the task's own `learning_rate` / `num_train_epochs`."""
     data = config.data
     errors: list[str] = []
     known = {"name", "train", "eval", "image_folder", "class_names", "prompt"}
     collators, loaded = {}, {}
     entries = [(t, ("train", "eval")) for t in config.tasks] + [(g, ("eval",)) for g in config.general_sets]
     for entry, splits in entries:
-        unknown = sorted(set(entry) - known)
+        unknown = sorted(set(entry) - known - (set(TASK_TRAINING_KEYS) if "train" in splits else set()))
         if unknown:
             raise ValueError(
                 f"{config.source}: task {entry['name']!r} has unknown keys {unknown}; known: {sorted(known)}"
             )
-        names = _class_names(entry, data.data_root)
+        names = _class_names(entry, data.class_names_dir or data.data_root)
         folder = entry.get("image_folder")
         for split in splits:
             source = _path(data.data_root, entry.get(split), split, entry["name"])
