@@ -12,6 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 ACCELERATE_CPU = RECIPES / "accelerate_configs" / "cpu.yaml"
+REAL_CONFIGS = sorted(p for p in RECIPES.glob("*/config_*.yaml") if p.name != "config_tiny.yaml")
+CPU = ["--bf16", "false", "--fp16", "false", "--use_cpu", "true"]  # parse the GPU configs on this CPU-only machine
 
 
 def recipe_main(job: str):
