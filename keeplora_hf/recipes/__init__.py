@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from .adapter import keeplora_config, seed_principal_energy
 from .arguments import DataArguments, ModelArguments, RecipeArguments, RecipeConfig, parse_recipe_args
-from .clip import TaskClipCollator, clip_loss, clip_zero_shot_metric
+from .clip import ClassifierHeadTrainers, TaskClipCollator, clip_loss, clip_zero_shot_metric
 from .distributed import loaded_whole, refuse_unsupported_sharding
 from .loading import FAMILY_OF_MODEL_TYPE, PROJECTOR_MODULES, VIDEO_FAMILIES, load_clip, load_vlm
 from .optim import projector_optimizer
@@ -29,6 +29,7 @@ from .tasks import build_chat_tasks, build_classification_tasks, chat_collator, 
 from .tiny_data import TINY_DATA_WRITERS, write_tiny_classification_data, write_tiny_video_data, write_tiny_vqa_data
 
 __all__ = [
+    "ClassifierHeadTrainers",
     "DataArguments",
     "FAMILY_OF_MODEL_TYPE",
     "ModelArguments",

@@ -120,6 +120,13 @@ class RecipeArguments:
                   "to lr / 25e4, Adam's beta1 cycled 0.95 -> 0.85 -> 0.95), the reference MTIL schedule; "
                   "lr_scheduler_type and warmup_steps are then unused."},
     )
+    classifier_heads: bool = field(
+        default=False,
+        metadata={"help": "KeepLoRA++cls (CLIP recipe only): each task also trains a cosine classifier head (scale 30, "
+                  "initialised from the class means of its training images), whose logits are added to the task's "
+                  "zero-shot logits; earlier heads stay frozen; each task is evaluated with its own head once it has "
+                  "one. Saved with the adapter (keeplora_hf.tuner.heads)."},
+    )
 
 
 LR_SCHEDULES = ("trainer", "one_cycle")
@@ -145,6 +152,7 @@ class RecipeConfig:
             "model": dataclasses.asdict(self.model),
             "data": {k: v for k, v in dataclasses.asdict(self.data).items() if k != "check_lengths"},
             "lr_schedule": self.recipe.lr_schedule,
+            **({"classifier_heads": True} if self.recipe.classifier_heads else {}),  # runs without heads as before
             "keeplora": self.keeplora,
             "tasks": self.tasks,
             "general_sets": self.general_sets,

@@ -53,11 +53,13 @@ def run_recipe(
     trainer_kwargs: dict[str, Any] | None = None,
     principal_energy_pattern: dict[str, float] | None = None,
     peft_config: KeepLoRAConfig,
+    wrap_trainers: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
 ) -> dict[str, Any]:
     """Wrap `model` with KeepLoRA, run the sequence with `ContinualRunner`, return (and write) the results.
 
     Each task is trained with its own `learning_rate` / `num_train_epochs` where its `tasks:` entry sets them, the
     projector at `projector_learning_rate` when it is trained, and OneCycleLR when `lr_schedule` asks for it.
+    `wrap_trainers` wraps that per-task Trainer factory (the CLIP recipe's classifier heads).
     """
     training = config.training
     if getattr(training, "activation_checkpointing", training.gradient_checkpointing) and hasattr(
@@ -70,6 +72,11 @@ def run_recipe(
         logger.info("principal_energy_pattern: %d targets use their own epsilon_w", len(seeded))
     if PartialState().is_main_process:
         peft_model.print_trainable_parameters()
+    trainers = TaskTrainers(
+        tasks, config.task_training(),
+        projector_lr=config.model.projector_learning_rate if config.model.train_projector else None,
+        one_cycle=config.recipe.lr_schedule == "one_cycle",
+    )
     runner = ContinualRunner(
         peft_model,
         tasks,
@@ -81,11 +88,7 @@ def run_recipe(
         run_config={"recipe": config.describe()},
         overwrite=config.recipe.overwrite_run,
         trainer_kwargs=trainer_kwargs,
-        trainer_class=TaskTrainers(
-            tasks, config.task_training(),
-            projector_lr=config.model.projector_learning_rate if config.model.train_projector else None,
-            one_cycle=config.recipe.lr_schedule == "one_cycle",
-        ),
+        trainer_class=wrap_trainers(trainers) if wrap_trainers is not None else trainers,
     )
     return runner.run()
 
@@ -97,6 +100,8 @@ def run_chat_recipe(argv: Sequence[str] | None, media: str) -> dict[str, Any]:
     `<image>` / `<video>` markers and media, conversations, lengths), then KeepLoRA++ over the sequence.
     """
     config = parse_recipe_args(argv)
+    if config.recipe.classifier_heads:
+        raise ValueError("classifier_heads is KeepLoRA++cls, for CLIP classification (recipes/clip_mtil) only")
     prepare(config, writer=TINY_DATA_WRITERS[media])
     with loaded_whole(config.training):
         model, processor, family = load_vlm(config.model)

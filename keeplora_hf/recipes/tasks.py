@@ -221,7 +221,7 @@ def build_classification_tasks(
         raise DataFormatError(errors)
     tasks = [
         ContinualTask(t["name"], loaded[(t["name"], "train")], loaded[(t["name"], "eval")],
-                      clip_zero_shot_metric(collators[t["name"]], data.eval_batch_size))
+                      clip_zero_shot_metric(collators[t["name"]], data.eval_batch_size, task=t["name"]))
         for t in config.tasks
     ]
     general = [
