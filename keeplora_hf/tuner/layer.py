@@ -138,18 +138,20 @@ def _add_branch(base: nn.Module, args: tuple, output: torch.Tensor) -> torch.Ten
         return output
     call["dtype"] = output.dtype
     groups = call["groups"]
-    if len(groups) == 1 and groups[0][0] is None:  # every row: the branch's own float32 tensor takes the base output
-        branches = [state.branch(args[0]) for state in groups[0][1]]
-        branch = branches[0] if len(branches) == 1 else sum(branches)
-        return branch.add_(output)  # = output.float() + branch, bit for bit, without a float32 copy of the output
-    total = output.to(TASK_DTYPE)
-    for rows, states in groups:
-        if rows is None:
-            total = total + sum(state.branch(args[0]) for state in states)
-        else:
-            index = torch.tensor(rows, device=total.device)
-            total = total.index_add(0, index, sum(state.branch(args[0][index]) for state in states))
+    if groups[0][0] is None:  # every row: the branch's own tensor takes the base output (no copy of the output)
+        return _summed_branch(groups[0][1], args[0]).add_(output)
+    total = None
+    for rows, states in groups:  # a mixed-adapter batch: each group of rows gets its own adapter's branch
+        index = torch.tensor(rows, device=output.device)
+        branch = _summed_branch(states, args[0][index])
+        total = (output.to(TASK_DTYPE) if total is None else total).index_add(0, index, branch)
     return total
+
+
+def _summed_branch(states: list[KeepLoRALayerState], x: torch.Tensor) -> torch.Tensor:
+    """The states' float32 branches on `x`, summed in a fresh tensor (see `FrozenBranch`)."""
+    branches = [state.branch(x) for state in states]
+    return branches[0] if len(branches) == 1 else sum(branches)
 
 
 def _close_branch(module: LoraLayer, args: tuple, output: torch.Tensor) -> torch.Tensor:  # noqa: ARG001

@@ -13,13 +13,12 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..subspace.basis import EXACT_DTYPES, WORK_DTYPE, Subspace, orthogonal_complement, orthonormalize
 from ..subspace.principal import principal_basis, principal_source, ritz_energies
-from .finished import TASK_DTYPE, FinishedTask, merged_delta
+from .finished import TASK_DTYPE, FinishedTask, FrozenBranch, merged_delta
 from .weights import apply_delta_, base_weight, is_quantized
 
 #: the buffers that describe the protected subspace: the ones a state sharded by layer keeps on one rank only
@@ -87,7 +86,7 @@ class KeepLoRALayerState(nn.Module):
         # a task under way here (the warning of `tuner/layer.py`); foreign hooks at its start (`tuner/truth.py`)
         self.task_open, self.task_hooks = False, None
         self._subspace: Subspace | None = None
-        self._branch: tuple[torch.Tensor, torch.Tensor, float | None] | None = None
+        self._branch: FrozenBranch | None = None
         self._origin: tuple[weakref.ref, str, str] | None = None  # (layer, principal_solver, principal_side)
 
     def extra_repr(self) -> str:
@@ -160,21 +159,14 @@ class KeepLoRALayerState(nn.Module):
         self._branch = None
 
     def branch(self, x: torch.Tensor) -> torch.Tensor | None:
-        """`sum_t s_t B_t A_t x` over the unmerged tasks, in float32 (None when every task is merged)."""
+        """`sum_t s_t B_t A_t x` over the unmerged tasks (`FrozenBranch`; None when every task is merged)."""
         if not self.branched_tasks:
             return None
         if self._branch is None:
             start = sum(self._task_ranks[: self.merged_tasks])
-            scalings = set(self._task_scalings[self.merged_tasks :])
-            lora_A, lora_B = self.finished_A[start:], self.finished_B[:, start:]
-            if len(scalings) == 1:  # one layer scale for all tasks: applied as LoRA applies it, after B
-                self._branch = (lora_A, lora_B, scalings.pop())
-            else:
-                columns = [torch.full((r,), s) for r, s in zip(self._task_ranks, self._task_scalings)][self.merged_tasks :]
-                self._branch = (lora_A, lora_B * torch.cat(columns).to(lora_B), None)
-        lora_A, lora_B, scaling = self._branch
-        out = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B)
-        return out if scaling is None else out.mul_(scaling)  # in place: a linear's output is not saved for backward
+            ranks, scalings = self._task_ranks[self.merged_tasks :], self._task_scalings[self.merged_tasks :]
+            self._branch = FrozenBranch(self.finished_A[start:], self.finished_B[:, start:], ranks, scalings)
+        return self._branch(x)
 
     # -- held here, or by another rank ----------------------------------------------------------------------
 
