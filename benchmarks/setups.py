@@ -16,19 +16,22 @@ RANK = {"llava-100m": 32, "llava-1b-f32": 32, "llava-7bp-bf16": 32, "tiny-llava"
 ALPHA = {"llava-100m": 8, "llava-1b-f32": 8, "llava-7bp-bf16": 8, "tiny-llava": 8}  # UCIT's alpha = r / 4
 
 
-def bench_model(name: str, seed: int = 0) -> BenchModel:
-    return MODELS[name](seed)
+def bench_model(name: str, seed: int = 0, text_tokens: int | None = None) -> BenchModel:
+    """The benchmark model `name`; `text_tokens` (LLaVA models only) overrides the text length of its batches."""
+    return MODELS[name](seed) if text_tokens is None else MODELS[name](seed, text_tokens=text_tokens)
 
 
-def lora(name: str) -> tuple[torch.nn.Module, BenchModel]:
-    bench = bench_model(name)
-    config = LoraConfig(r=RANK[name], lora_alpha=ALPHA[name], lora_dropout=0.0, target_modules=bench.targets)
+def lora(name: str, rank: int | None = None, text_tokens: int | None = None) -> tuple[torch.nn.Module, BenchModel]:
+    bench = bench_model(name, text_tokens=text_tokens)
+    config = LoraConfig(r=rank or RANK[name], lora_alpha=ALPHA[name], lora_dropout=0.0, target_modules=bench.targets)
     return get_peft_model(bench.model, config), bench
 
 
-def keeplora(name: str, **overrides) -> tuple[torch.nn.Module, BenchModel]:
-    bench = bench_model(name)
-    settings = dict(r=RANK[name], lora_alpha=ALPHA[name], lora_dropout=0.0, target_modules=bench.targets)
+def keeplora(
+    name: str, rank: int | None = None, text_tokens: int | None = None, **overrides
+) -> tuple[torch.nn.Module, BenchModel]:
+    bench = bench_model(name, text_tokens=text_tokens)
+    settings = dict(r=rank or RANK[name], lora_alpha=ALPHA[name], lora_dropout=0.0, target_modules=bench.targets)
     settings.update(overrides)
     return get_peft_model(bench.model, KeepLoRAConfig(**settings)), bench
 
