@@ -18,6 +18,7 @@ from keeplora_hf.data.synthetic import (
     IMAGE_TASKS,
     MANIFEST_NAME,
     NUM_FRAMES,
+    PALETTE,
     TASK_SPECS,
     VIDEO_SPECS,
     VIDEO_TASKS,
@@ -210,3 +211,40 @@ def test_unknown_names_are_refused():
         make_task("digits", "test", 1)
     with pytest.raises(ValueError, match="unknown video task"):
         make_video_task("digits", "train", 1)
+
+
+def _palette_mask(image, colour: str) -> np.ndarray:
+    """Pixels nearer `colour` than any other palette colour or the darkest-to-grey backgrounds, within the noise."""
+    pixels = np.asarray(image, dtype=float)
+    references = {name: np.array(rgb, dtype=float) for name, rgb in PALETTE.items()}
+    references |= {f"grey{level}": np.full(3, float(level)) for level in (0, 25, 50)}
+    distances = {name: np.linalg.norm(pixels - rgb, axis=-1) for name, rgb in references.items()}
+    nearest = np.argmin(np.stack(list(distances.values())), axis=0)
+    return (nearest == list(references).index(colour)) & (distances[colour] < 80)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_red_side_has_one_red_square_on_the_answers_side_and_another_colour_opposite(seed):
+    for sample in make_task("red_side", "train", 40, seed=seed):
+        red = _palette_mask(sample.image, "red")
+        left, right = red[:, :16].sum(), red[:, 16:].sum()
+        on_side, opposite = (left, right) if sample.answer == "left" else (right, left)
+        assert on_side >= 80 and opposite <= 5, (sample.answer, left, right)
+        other = np.asarray(sample.image).max(axis=-1) > 120
+        other_half = other[:, 16:] if sample.answer == "left" else other[:, :16]
+        assert other_half.sum() >= 80, "a square of another colour on the other side"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_above_below_dot_is_on_the_answers_side_of_a_full_width_line(seed):
+    for sample in make_task("above_below", "train", 40, seed=seed):
+        bright = np.asarray(sample.image).max(axis=-1) > 120
+        line_rows = np.flatnonzero(bright.mean(axis=1) > 0.9)
+        assert len(line_rows) == 3 and np.ptp(line_rows) == 2, line_rows
+        dot = bright.copy()
+        dot[line_rows] = False
+        dot_rows = np.flatnonzero(dot.any(axis=1))
+        assert dot.sum() >= 20, "a dot besides the line"
+        above = dot_rows.max() < line_rows.min() - 2
+        below = dot_rows.min() > line_rows.max() + 2
+        assert (above, below) == ((True, False) if sample.answer == "yes" else (False, True)), (sample.answer, dot_rows)

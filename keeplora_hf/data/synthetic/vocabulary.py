@@ -20,7 +20,7 @@ WORDS: tuple[str, ...] = (
     # answers: colours, counts, places, directions
     "red", "green", "blue", "yellow", "white", "purple",
     "one", "two", "three", "four",
-    "left", "right", "top", "bottom", "above", "below", "up", "down",
+    "left", "right", "top", "bottom", "above", "up", "down",
     "yes", "no",
 )  # fmt: skip
 
