@@ -32,15 +32,20 @@ from setups import batches, lora, optimizer_for, ready_keeplora, train_step
 TASKS = (0, 1, 4, 8)
 
 
-def _install_tasks(model: torch.nn.Module, count: int, rank: int, seed: int) -> None:
-    """`count` random finished tasks on every target, merged or branched as the config's `finished_tasks` decides."""
+def install_finished_tasks(model: torch.nn.Module, count: int, rank: int, seed: int) -> None:
+    """`count` random finished tasks on every target (replacing any), merged or branched as the config's
+    `finished_tasks` decides, on the layer's device."""
     g = torch.Generator().manual_seed(seed)
     config = model.peft_config["default"]
     for name, module in ((n, m) for n, m in model.named_modules() if hasattr(m, "keeplora_state")):
         base, state = module.get_base_layer(), layer_state(module, "default")
+        device = base.weight.device
+        tasks = []
         for _ in range(count):
             a = torch.linalg.qr(torch.randn(base.in_features, rank, generator=g))[0].T.contiguous()
-            state.add_task(FinishedTask(a, torch.randn(base.out_features, rank, generator=g) * 1e-2, 0.25))
+            b = torch.randn(base.out_features, rank, generator=g) * 1e-2
+            tasks.append(FinishedTask(a.to(device), b.to(device), 0.25))
+        state.tasks = tasks
         if count and _merges(config, module, name):
             state.merge_into_base_(module)
 
@@ -53,7 +58,7 @@ def model_steps(model_name: str, rank: int, rounds: int) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = ready_keeplora(model_name, data[:1], r=rank)
-        _install_tasks(model, count, rank, seed=count)
+        install_finished_tasks(model, count, rank, seed=count)
         models[f"keeplora_{count}_tasks"], optimizers[f"keeplora_{count}_tasks"] = model, optimizer_for(model)
     times = interleaved({k: (lambda k=k: train_step(models[k], data[1], optimizers[k])) for k in models}, rounds)
     return {

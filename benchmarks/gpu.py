@@ -21,7 +21,9 @@ r = 32, lora_alpha = 8. In one run it measures:
      the first end_task a merge run is this run; task 2 stacks the merge on this run's second task;
    - the logits on one fixed batch just before against just after end_task (max abs diff), for both.
 4. save -> load: `save_pretrained`, a rebuilt base (same seed), `PeftModel.from_pretrained`, the logits compared
-   (max abs diff, bit-identical or not); time of save and of load.
+   (max abs diff, bit-identical or not); time of save and of load;
+5. the training step of a fresh task after 1, 4 and 8 finished tasks (random rank-r updates, a float32 branch on this
+   bfloat16 base) against PEFT LoRA's step of 1.
 
 Run it on a machine with one CUDA GPU (estimated at about 6 minutes on an H200):
 
@@ -59,6 +61,7 @@ import keeplora_hf  # noqa: F401  registers the KEEPLORA peft type
 from keeplora_hf import KeepLoRAConfig, begin_task, end_task, learned_update, protected_basis
 from keeplora_hf.tuner.weights import apply_delta_
 from measure import RESULTS, configure_threads, ratio_summary, summary, write_result
+from branch_step_time import install_finished_tasks
 from setups import train_step
 
 TARGETS = (
@@ -67,6 +70,7 @@ TARGETS = (
 ADAPTER = "default"
 SEED = 0
 TASKS = 2
+FINISHED_TASK_COUNTS = (1, 4, 8)
 PROBE_ROWS = 16  # random inputs per layer for the output check
 GIB = 2**30
 START = time.perf_counter()
@@ -307,6 +311,32 @@ def logits_with_weights(
             layers[name].get_base_layer().weight.data = data
 
 
+def step_after_finished_tasks(
+    config: LlavaConfig, device: torch.device, settings: dict, data: list[dict], steps: int, dev: Device, lora: dict
+) -> dict:
+    """The training step of a task begun after 1, 4 and 8 finished tasks (random rank-r updates, kept as the default
+    config keeps them: a float32 branch on this bfloat16 base) against PEFT LoRA's step of the first comparison."""
+    model = get_peft_model(build_base(config, device), KeepLoRAConfig(**settings))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        begin_task(model, data, max_batches=len(data))
+    optimizer = optimizer_for(model)
+    out = {}
+    for count in FINISHED_TASK_COUNTS:
+        install_finished_tasks(model, count, settings["r"], seed=count)
+        seconds = []
+        for i in range(steps + 1):
+            batch = data[i % len(data)]
+            seconds.append(dev.measure(lambda: train_step(model, batch, optimizer))[1]["seconds"])
+        out[count] = {"seconds": summary(seconds[1:]),
+                      "over_lora_step": summary(seconds[1:])["median"] / lora["seconds"]["median"]}
+        log(f"step after {count} finished tasks: {out[count]['seconds']['median'] * 1e3:.1f} ms, "
+            f"{out[count]['over_lora_step']:.3f} x PEFT LoRA's")
+    del model, optimizer
+    dev.free()
+    return out
+
+
 def _spread(values: list[float | None]) -> dict[str, float] | None:
     kept = [v for v in values if v is not None]
     return {**summary(kept), "undefined": len(values) - len(kept)} if kept else None
@@ -412,6 +442,9 @@ def run(tiny: bool, batch: int, tokens: int, steps: int, task_batches: int) -> d
         "bit_identical": identical,
     }
     log(f"save -> load: logits max abs diff {round_trip['logits_max_abs_diff']:.3g}, bit-identical: {identical}")
+    del loaded, base
+    dev.free()
+    after_tasks = step_after_finished_tasks(config, device, keeplora_settings, tasks[0], steps, dev, step["lora"])
     return {
         "device": dev.name(),
         "cuda": torch.version.cuda if dev.cuda else None,
@@ -434,6 +467,7 @@ def run(tiny: bool, batch: int, tokens: int, steps: int, task_batches: int) -> d
         "step": step,
         "tasks": records,
         "save_load": round_trip,
+        "step_after_finished_tasks": after_tasks,
         "wall_seconds": time.perf_counter() - START,
     }
 
@@ -532,6 +566,15 @@ def markdown(result: dict) -> str:
             f"| {r['task']} | protected dimensions / d_in | {_range(m['protected_fraction'])} | |",
         ]
     rt = result["save_load"]
+    lines += [
+        "",
+        "## Step after finished tasks (a float32 branch on the bfloat16 base)",
+        "",
+        "| finished tasks | step (median) | ÷ PEFT LoRA step |",
+        "| ---: | --- | ---: |",
+        *[f"| {count} | {r['seconds']['median'] * 1e3:.1f} ms | {r['over_lora_step']:.3f} |"
+          for count, r in result["step_after_finished_tasks"].items()],
+    ]
     lines += [
         "",
         "## Save and load",
