@@ -26,7 +26,7 @@ from .continual.run_dir import RESULTS_FILE
 from .data.collators import VLMChatCollator
 from .data.formats import load_llava_json, load_video_qa_json
 from .data.synthetic.tasks import IMAGE_TASKS
-from .data.synthetic.writer import write_benchmark
+from .data.synthetic.writer import FORMAT, write_benchmark
 from .data.synthetic.videos import NUM_FRAMES
 from .models.demo import (
     DEMO_TARGETS,
@@ -323,6 +323,9 @@ def _benchmark_data(data_dir: Path, settings: DemoSettings) -> dict[str, Any]:
     if settings.video and "video_tasks" not in manifest:  # first --video run over an image-only benchmark
         manifest_file.unlink()
         return _benchmark_data(data_dir, settings)
+    if manifest.get("format") != FORMAT:  # its finished runs are of other tasks too: they must not be mixed in
+        raise ValueError(f"{data_dir} holds benchmark data of format {manifest.get('format')}, not {FORMAT} (tasks "
+                         "have changed since); choose another --output-dir")
     if sorted(manifest["image_task_order"]) != sorted(settings.tasks):
         raise ValueError(f"{data_dir} holds a benchmark of other tasks {manifest['image_task_order']}; use --overwrite")
 

@@ -87,3 +87,12 @@ def test_cli_task_order_and_dtype_are_checked(tmp_path):
         args.func(args)
     with pytest.raises(ValueError, match="dtype must be one of"):
         run_demo(DemoSettings(output_dir=str(tmp_path), dtype="float16"))
+
+
+def test_data_written_before_the_tasks_changed_is_refused(tmp_path):
+    """An output directory of the first task set holds its data and finished runs: reusing them would mix task sets."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"format": "keeplora-synthetic/1", "image_task_order": []}))
+    with pytest.raises(ValueError, match="keeplora-synthetic/1, not keeplora-synthetic/2"):
+        run_demo(DemoSettings(output_dir=str(tmp_path), methods=("zero-shot",)))

@@ -35,10 +35,11 @@ from .tasks import (
 from .videos import NUM_FRAMES, VIDEO_SPECS, VIDEO_TASKS, VideoSample, make_video_task
 from .vocabulary import WORDS
 
-__all__ = ["MANIFEST_NAME", "write_benchmark", "write_llava_json", "write_video_qa_json"]
+__all__ = ["FORMAT", "MANIFEST_NAME", "write_benchmark", "write_llava_json", "write_video_qa_json"]
 
 MANIFEST_NAME = "manifest.json"
-FORMAT = "keeplora-synthetic/1"
+# 2: red_side and above_below redrawn (learnable at the demo budget); data of another format is other tasks
+FORMAT = "keeplora-synthetic/2"
 _TEMP_PREFIX = ".tmp-"
 
 
