@@ -332,8 +332,6 @@ def step_after_finished_tasks(
                       "over_lora_step": summary(seconds[1:])["median"] / lora["seconds"]["median"]}
         log(f"step after {count} finished tasks: {out[count]['seconds']['median'] * 1e3:.1f} ms, "
             f"{out[count]['over_lora_step']:.3f} x PEFT LoRA's")
-    del model, optimizer
-    dev.free()
     return out
 
 
@@ -445,6 +443,7 @@ def run(tiny: bool, batch: int, tokens: int, steps: int, task_batches: int) -> d
     del loaded, base
     dev.free()
     after_tasks = step_after_finished_tasks(config, device, keeplora_settings, tasks[0], steps, dev, step["lora"])
+    dev.free()
     return {
         "device": dev.name(),
         "cuda": torch.version.cuda if dev.cuda else None,
