@@ -57,11 +57,13 @@ class PrintResidual(TrainerCallback):
 
 
 def deepspeed_config(stage: int, bf16: bool = False) -> dict:
-    """ZeRO `stage` (in float32, or with DeepSpeed's bf16 engine, which casts the model to bfloat16), batch sizes and
-    optimizer taken from the TrainingArguments. Under ZeRO-3 every parameter stays partitioned between uses (by default
-    DeepSpeed keeps parameters under 1e5 elements whole on every rank: all of the tiny model's)."""
+    """ZeRO `stage` (in float32, or with DeepSpeed's bf16 engine, which casts the model to bfloat16), batch sizes,
+    clipping and optimizer taken from the TrainingArguments, as `accelerate launch` with the recipes' DeepSpeed configs
+    does (clipping left out would be DeepSpeed's default, which depends on its version). Under ZeRO-3 every parameter
+    stays partitioned between uses (by default DeepSpeed keeps parameters under 1e5 elements whole on every rank: all
+    of the tiny model's)."""
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "train_batch_size": "auto", **({"bf16": {"enabled": "auto"}} if bf16 else {}),
+            "train_batch_size": "auto", "gradient_clipping": "auto", **({"bf16": {"enabled": "auto"}} if bf16 else {}),
             "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}}
 
 
@@ -86,6 +88,7 @@ def main() -> None:
         per_device_train_batch_size=options.global_batch // world,
         num_train_epochs=10,
         learning_rate=1e-2,
+        max_grad_norm=1.0,  # the clipping every mode compares against (some steps' norms exceed it)
         save_strategy="steps",
         save_steps=4,
         logging_steps=4,

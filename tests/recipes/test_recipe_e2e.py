@@ -43,18 +43,19 @@ def test_vqa_tiny_on_two_processes(tmp_path):
 @pytest.mark.slow
 def test_vqa_tiny_with_accelerate_launch_and_deepspeed_zero3(tmp_path):
     """`accelerate launch` with the shipped ZeRO-3 config on 2 CPU processes (DeepSpeed's CPU accelerator, gloo): the
-    recipe learns what 2 DDP processes learn, every task update within 1e-3 relative."""
+    recipe learns what 2 DDP processes learn, every task update within 1e-3 relative. Both clip at the `max_grad_norm`
+    given (the config leaves DeepSpeed's clipping to it)."""
     config = yaml.safe_load((RECIPES / "accelerate_configs" / "deepspeed_zero3.yaml").read_text())
     config.update(num_processes=2, mixed_precision="no")  # two CPU processes, float32 as the tiny config
     config_file = tmp_path / "zero3_cpu.yaml"
     config_file.write_text(yaml.safe_dump(config))
     zero3, ddp = tmp_path / "zero3", tmp_path / "ddp"
     zero3.mkdir(), ddp.mkdir()
+    flags = ("--per_device_train_batch_size", "2", "--max_grad_norm", "1.0")
     run_command([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-                 str(RECIPES / "llava_vqa" / "train.py"), *tiny_args("llava_vqa", zero3, "--per_device_train_batch_size", "2")],
-                cwd=zero3, timeout=600)
+                 str(RECIPES / "llava_vqa" / "train.py"), *tiny_args("llava_vqa", zero3, *flags)], cwd=zero3, timeout=600)
     run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(RECIPES / "llava_vqa" / "train.py"),
-                 *tiny_args("llava_vqa", ddp, "--ddp_backend", "gloo", "--per_device_train_batch_size", "2")], cwd=ddp, timeout=400)
+                 *tiny_args("llava_vqa", ddp, "--ddp_backend", "gloo", *flags)], cwd=ddp, timeout=400)
     check_results(zero3 / "run", VQA_TASKS)
     sharded, replicated = task_updates(zero3 / "run"), task_updates(ddp / "run")
     assert sharded.keys() == replicated.keys() and sharded
