@@ -108,31 +108,29 @@ def memory_directions(
         return empty
     if solver == "randomized" and not protected.complement:
         basis = protected.stored.to(dtype=dtype, device=covariance.device)
-        available = (total - torch.trace(basis.T @ covariance @ basis)).clamp_min(0)
-        needed = energy * total - (total - available)
-        if needed <= 0 or available <= 0:
+        needed = _energy_needed(total, total - torch.trace(basis.T @ covariance @ basis), energy)
+        if needed is None:
             return empty
 
-        def residual(block: torch.Tensor) -> torch.Tensor:
-            return block - basis @ (basis.T @ block)
+        def residual(block: torch.Tensor) -> torch.Tensor:  # columns without their component in the protected subspace
+            return protected.project_out(block.T).T
 
-        vectors = _ritz_until(lambda block: residual(covariance @ residual(block)), room, float(needed), room, seed,
-                              dtype=dtype, device=covariance.device, ambient=d_in)
+        vectors = _ritz_until(
+            lambda block: residual(covariance @ residual(block)), room, float(needed), seed, ambient=d_in, like=covariance
+        )
         if vectors is not None:
-            return orthonormalize(protected.project_out(vectors.T).T)
+            return orthonormalize(residual(vectors))
         solver = "eigh"  # a flat spectrum: the full eigendecomposition below, without a second randomized attempt
     # C' = R^T C R in the coordinates of an orthonormal basis R of the residual: an eigenproblem of size d_in - k
     coords = protected.complement_basis().to(dtype=dtype, device=covariance.device)
     residual_cov = coords.T @ covariance @ coords
     residual_cov = (residual_cov + residual_cov.T) / 2
-    available = torch.trace(residual_cov).clamp_min(0)
-    needed = energy * total - (total - available)
-    if needed <= 0 or available <= 0:
+    needed = _energy_needed(total, torch.trace(residual_cov), energy)
+    if needed is None:
         return empty
     vectors = None
     if solver == "randomized":
-        vectors = _ritz_until(residual_cov.__matmul__, room, float(needed), room, seed, dtype=dtype,
-                              device=covariance.device, ambient=residual_cov.shape[0])
+        vectors = _ritz_until(residual_cov.__matmul__, room, float(needed), seed, ambient=room, like=residual_cov)
     if vectors is None:
         values, vectors = torch.linalg.eigh(residual_cov)
         values = values.flip(0).clamp_min(0)[:room]
@@ -142,37 +140,42 @@ def memory_directions(
     return orthonormalize(protected.project_out((coords @ vectors).T).T)
 
 
+def _energy_needed(total: torch.Tensor, available: torch.Tensor, energy: float) -> torch.Tensor | None:
+    """The feature energy new directions must explain so that the protected subspace plus them explains `energy` of
+    `total`, given the energy `available` outside the protected subspace; None when nothing is needed or left."""
+    available = available.clamp_min(0)
+    needed = energy * total - (total - available)
+    return None if needed <= 0 or available <= 0 else needed
+
+
 def _ritz_until(
     apply: Callable[[torch.Tensor], torch.Tensor],
-    n: int,
-    needed: float,
     room: int,
+    needed: float,
     seed: int,
     *,
-    dtype: torch.dtype,
-    device: torch.device,
     ambient: int,
+    like: torch.Tensor,
     oversampling: int = 10,
     iterations: int = 3,
 ) -> torch.Tensor | None:
-    """Fewest Ritz vectors of the symmetric PSD operator `apply` (on `ambient`-dim columns, rank at most `n`) whose
-    Rayleigh quotients sum to `needed`; None to use eigh."""
+    """Fewest Ritz vectors of the symmetric PSD operator `apply` (on `ambient`-dim columns, of rank at most `room`)
+    whose Rayleigh quotients sum to `needed`; None to use eigh. The random blocks take `like`'s dtype and device."""
     generator = torch.Generator().manual_seed(seed)
-    wanted = max(16, n // 32)
+    wanted = max(16, room // 32)
     while True:
-        columns = min(n, wanted + oversampling)
-        if 2 * columns > n:
+        columns = min(room, wanted + oversampling)
+        if 2 * columns > room:
             return None
-        block = torch.randn(ambient, columns, generator=generator, dtype=dtype).to(device)
+        block = torch.randn(ambient, columns, generator=generator, dtype=like.dtype).to(like.device)
         for _ in range(iterations):
             block = orthonormalize(apply(block))
         values, rotation = torch.linalg.eigh(block.T @ apply(block))
         values, rotation = values.flip(0).clamp_min(0), rotation.flip(1)
-        usable = min(room, columns)
-        cumulative = torch.cumsum(values[:usable], 0)
+        cumulative = torch.cumsum(values, 0)
         if cumulative[-1] >= needed:
             count = int(torch.searchsorted(cumulative, cumulative.new_tensor(needed)).item()) + 1
-            return block @ rotation[:, : min(count, usable)]
+            return block @ rotation[:, : min(count, columns)]
         if cumulative[-1] < 0.9 * needed:  # far from enough: the spectrum is flat, a full eigh is cheaper than growing
             return None
         wanted *= 4

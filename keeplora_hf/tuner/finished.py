@@ -42,7 +42,7 @@ class FrozenBranch:
         if len(set(scalings)) == 1:
             self.lora_A, self.lora_B, self.scaling = lora_A, lora_B, scalings[0]
         else:
-            columns = torch.cat([torch.full((r,), s) for r, s in zip(ranks, scalings)]).to(lora_B)
+            columns = torch.cat([lora_B.new_full((r,), s) for r, s in zip(ranks, scalings)])
             self.lora_A, self.lora_B, self.scaling = lora_A, lora_B * columns, None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -140,11 +140,10 @@ def _add_branch(base: nn.Module, args: tuple, output: torch.Tensor) -> torch.Ten
     groups = call["groups"]
     if groups[0][0] is None:  # every row: the branch's own tensor takes the base output (no copy of the output)
         return _summed_branch(groups[0][1], args[0]).add_(output)
-    total = None
+    total = output.to(TASK_DTYPE)
     for rows, states in groups:  # a mixed-adapter batch: each group of rows gets its own adapter's branch
         index = torch.tensor(rows, device=output.device)
-        branch = _summed_branch(states, args[0][index])
-        total = (output.to(TASK_DTYPE) if total is None else total).index_add(0, index, branch)
+        total = total.index_add(0, index, _summed_branch(states, args[0][index]))
     return total
 
 
