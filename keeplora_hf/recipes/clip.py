@@ -93,6 +93,7 @@ class ClassifierHeadTrainers:
         heads = task_heads(model)
         if heads is None or heads.head(task) is None:
             add_task_head(model, task, self._batches(train_dataset, self.collators.collators[task]), activate=False)
+        task_heads(model).active = None  # begin_task scores this task's prompts: no earlier task's head applies
         trainer = self.trainers(model=model, train_dataset=train_dataset, **kwargs)
         trainer.add_callback(_ActivateHead(task))
         return trainer

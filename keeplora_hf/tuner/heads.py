@@ -190,8 +190,7 @@ def add_task_head(
     without the new head). Call it before the task's optimizer is built."""
     heads = attach_task_heads(model, scale)
     head = heads.add(task, class_mean_weight(model, batches, task))
-    if activate:
-        heads.active = task
+    heads.active = task if activate else None  # not the previous task's head: its classes are not this task's
     return head
 
 

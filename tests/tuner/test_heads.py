@@ -159,3 +159,15 @@ def test_bad_heads_are_refused_by_file_task_and_field(tmp_path):
     with pytest.raises(ValueError, match="already has a classifier head"):
         add_task_head(model, tasks[0].name, tasks[0].train)
     check_head_classes(task_heads(model), {tasks[0].name: 4, "unknown": 3}, "here")
+
+
+def test_a_head_added_for_later_activation_leaves_no_earlier_head_applied():
+    """The next task's begin_task scores its own class prompts: the previous task's head (other classes) is off."""
+    model, tasks = _setup("cpu", torch.float32)
+    add_task_head(model, tasks[0].name, tasks[0].train)
+    assert task_heads(model).active == tasks[0].name
+    add_task_head(model, tasks[1].name, tasks[1].train, activate=False)
+    assert task_heads(model).active is None
+    three_classes = {k: v[:3] if k in ("input_ids", "attention_mask") else v for k, v in tasks[1].train[0].items()}
+    three_classes["labels"] = three_classes["labels"].clamp(max=2)
+    clip_classification_loss(model, three_classes)  # zero-shot logits: any class count scores
