@@ -1,6 +1,6 @@
 """The continual-learning benchmark behind the README's table: every method, three seeds, image (and video) sequence.
 
-    python benchmarks/continual.py --output-dir runs/benchmark [--seeds 3] [--video [--no-image]]
+    python benchmarks/continual.py --output-dir runs/benchmark [--seeds 3] [--video] [--clip] [--no-image]
 
 Finished (sequence, seed, method) runs are kept and reused, so an interrupted benchmark continues where it stopped;
 `summary.md` in the output directory is the table (mean ± std over seeds).
@@ -20,12 +20,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--video", action="store_true")
-    parser.add_argument("--no-image", action="store_true", help="with --video: the video sequence alone")
+    parser.add_argument("--clip", action="store_true", help="also the CLIP classification sequence")
+    parser.add_argument("--no-image", action="store_true", help="with --video / --clip: those sequences alone")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--orders", type=int, default=1, help="task orders: the default one, then fixed permutations")
     args = parser.parse_args()
     run_demo(DemoSettings(output_dir=args.output_dir, methods=tuple(args.methods), seeds=tuple(range(args.seeds)),
-                          video=args.video, image=not args.no_image, dtype=args.dtype,
+                          video=args.video, clip=args.clip, image=not args.no_image, dtype=args.dtype,
                           orders=args.orders))
 
 

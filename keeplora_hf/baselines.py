@@ -8,6 +8,7 @@ share one training loop, one merge-after-each-task, one checkpoint format and on
 - InfLoRA-style: the feature memory of earlier tasks only (no principal subspace), `A` from the residual gradient.
 - KeepLoRA: principal subspace + feature memory, no layer scaling (gamma = 1).
 - KeepLoRA++: KeepLoRA with the shallow-to-deep layer scaling (gamma = 0.2), plus energy-threshold ablations.
+- KeepLoRA++cls: KeepLoRA++ plus a cosine head per task over CLIP's image features (CLIP sequences only).
 
 OSF is PEFT's own orthogonal-subspace tuner with the same trainable rank; joint multi-task LoRA (all tasks at once)
 is the upper bound; zero-shot is the untouched model.
@@ -77,6 +78,8 @@ METHODS: dict[str, Method] = {
         Method("osf", "PEFT's OSF tuner, trainable rank r", _osf),
         Method("keeplora", "KeepLoRA: principal subspace + feature memory, gamma = 1", _keeplora(layer_scale_gamma=1.0)),
         Method("keeplora++", "KeepLoRA++: + layer scaling, gamma = 0.2", _keeplora(layer_scale_gamma=0.2)),
+        Method("keeplora++cls", "KeepLoRA++ with a cosine classifier head per task (classification sequences only)",
+               _keeplora(layer_scale_gamma=0.2), settings={"classifier_heads": True}),
         Method("keeplora++ eps_w=0.3", "KeepLoRA++ with a smaller principal subspace", _keeplora(principal_energy=0.3)),
         Method("keeplora++ eps_w=0.9", "KeepLoRA++ with a larger principal subspace", _keeplora(principal_energy=0.9)),
         Method("keeplora++ eps_f=0.9", "KeepLoRA++ with a smaller feature memory", _keeplora(feature_energy=0.9)),

@@ -24,6 +24,9 @@ def _demo(args: argparse.Namespace) -> None:
             model_path=args.model,
             overwrite=args.overwrite,
             video=args.video,
+            clip=args.clip,
+            image=not args.no_image,
+            clip_model_path=args.clip_model,
             dtype=args.dtype,
             orders=args.orders,
             data_seed=args.data_seed,
@@ -52,6 +55,14 @@ def _pretrain(args: argparse.Namespace) -> None:
     print({skill: f"{100 * value:.1f}%" for skill, value in report["general_suite"].items()})
 
 
+def _pretrain_clip(args: argparse.Namespace) -> None:
+    from ..models.pretrain_clip import ClipPretrainSettings, pretrain_clip
+
+    settings = ClipPretrainSettings(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    report = pretrain_clip(args.output_dir, settings)
+    print({skill: f"{100 * value:.1f}%" for skill, value in report["general_skills"].items()})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keeplora-hf", description="KeepLoRA++ continual learning for VLMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"methods to compare, or 'all'; choices: {', '.join(METHODS)}")
     demo.add_argument("--seeds", type=integer(1), default=1, help="number of seeds (0, 1, ...); the summary gives mean ± std")
     demo.add_argument("--video", action="store_true", help="also run the video sequence on a tiny LLaVA-NeXT-Video")
+    demo.add_argument("--clip", action="store_true",
+                      help="also run the CLIP classification sequence (MTIL's Transfer / Avg / Last) on the demo CLIP")
+    demo.add_argument("--no-image", action="store_true", help="with --video / --clip: those sequences alone")
+    demo.add_argument("--clip-model", default=None, help="a pre-trained demo CLIP directory (default: the shipped one)")
     demo.add_argument("--model", default=None, help="a pre-trained demo model directory (default: the shipped one)")
     demo.add_argument("--overwrite", action="store_true", help="replace results of a run with other settings")
     demo.add_argument("--task-order", default=None, metavar="A,B,...",
@@ -79,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--batch-size", type=integer(1), default=48)
     pre.add_argument("--seed", type=integer(0), default=0)
     pre.set_defaults(func=_pretrain)
+
+    pre_clip = sub.add_parser("pretrain-clip", help="pre-train the demo CLIP on the general skills (classification)")
+    pre_clip.add_argument("--output-dir", required=True)
+    pre_clip.add_argument("--steps", type=integer(1), default=1200)
+    pre_clip.add_argument("--batch-size", type=integer(1), default=64)
+    pre_clip.add_argument("--seed", type=integer(0), default=0)
+    pre_clip.set_defaults(func=_pretrain_clip)
     add_analyze_parser(sub)
     add_push_parser(sub)
     add_export_parser(sub)

@@ -79,6 +79,8 @@ TINY_VOCABULARY: tuple[str, ...] = (
     # nouns of the questions and of CLIP prompts ("a photo of a red circle.")
     "colour", "color", "shape", "size", "object", "objects", "image", "video", "picture", "photo", "frame",
     "direction", "number", "same", "different", "options",
+    # appended (ids of the words above unchanged): the CLIP sequence's colour_count
+    "colours",
 )  # fmt: skip
 
 UNK_TOKEN, PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<unk>", "<pad>", "<s>", "</s>"

@@ -35,6 +35,7 @@ from .scenes import (
 )
 
 __all__ = [
+    "CLIP_TASK_SPECS",
     "COUNT_WORDS",
     "GENERAL_SKILLS",
     "IMAGE_TASKS",
@@ -128,6 +129,22 @@ TASK_SPECS: dict[str, TaskSpec] = {
             "whether a dot is above or below a full-width line at a random height in the middle",
             "general presence (yes / no answer a relation, not whether a colour is there) and general height (the "
             "dot's half decides, answered with other words)",
+        ),
+    )
+}
+# Tasks of the CLIP sequence alone (`classification.py`): CLIP reads an image through its class token, which pools
+# how much of each colour there is but did not learn where things are or a digit's shape at the benchmark's budget.
+CLIP_TASK_SPECS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec(
+            "colour_count", "how many colours are there", COUNT_WORDS,
+            "number of distinct colours (one to four) among one to five blobs",
+            "count_red and general count (same answers; two blobs of one colour count once here)",
+        ),
+        TaskSpec(
+            "smaller_colour", "what colour is the smaller object", COLOURS, "colour of the smaller of two blobs",
+            "bigger_colour and general colour (same scenes and answers; the bigger blob's colour is wrong here)",
         ),
     )
 }
@@ -262,10 +279,31 @@ def _red_side(rng: np.random.Generator, answer: str) -> tuple[str, Image.Image]:
 
 
 def _bigger_colour(rng: np.random.Generator, answer: str) -> tuple[str, Image.Image]:
-    big = place_blob(rng, answer, _size(rng, 10, 13))
-    small = place_blob(rng, random_colour(rng, exclude=[answer]), _size(rng, 4, 6), avoid=[big])
+    return _bigger_colour_scene(rng, answer)
+
+
+def _bigger_colour_scene(rng: np.random.Generator, big_colour: str, small_colour: str | None = None
+                         ) -> tuple[str, Image.Image]:
+    big = place_blob(rng, big_colour, _size(rng, 10, 13))
+    small_colour = small_colour or random_colour(rng, exclude=[big_colour])
+    small = place_blob(rng, small_colour, _size(rng, 4, 6), avoid=[big])
     blobs = [big, small] if rng.random() < 0.5 else [small, big]
     return TASK_SPECS["bigger_colour"].question, render_scene(blobs, rng).image
+
+
+def _colour_count(rng: np.random.Generator, answer: str) -> tuple[str, Image.Image]:
+    distinct = [random_colour(rng)]
+    while len(distinct) < COUNT_WORDS.index(answer) + 1:
+        distinct.append(random_colour(rng, exclude=distinct))
+    colours = distinct + [distinct[int(rng.integers(len(distinct)))] for _ in range(int(rng.integers(0, 2)))]
+    blobs = _blobs(rng, [colours[i] for i in rng.permutation(len(colours))], 4, 6)
+    return CLIP_TASK_SPECS["colour_count"].question, render_scene(blobs, rng).image
+
+
+def _smaller_colour(rng: np.random.Generator, answer: str) -> tuple[str, Image.Image]:
+    """bigger_colour's scenes, asked about the other blob."""
+    _, image = _bigger_colour_scene(rng, random_colour(rng, exclude=[answer]), answer)
+    return CLIP_TASK_SPECS["smaller_colour"].question, image
 
 
 def _above_below(rng: np.random.Generator, answer: str) -> tuple[str, Image.Image]:
@@ -323,6 +361,8 @@ _TASKS: dict[str, _Sampler] = {
     "red_side": _red_side,
     "bigger_colour": _bigger_colour,
     "above_below": _above_below,
+    "colour_count": _colour_count,
+    "smaller_colour": _smaller_colour,
 }
 
 
@@ -331,12 +371,12 @@ def make_task(name: str, split: str, n: int, seed: int = 0) -> list[Sample]:
 
     "train" and "eval" are independent draws; for `digits` they also come from disjoint scans.
     """
-    if name not in TASK_SPECS:
-        raise ValueError(f"unknown image task {name!r}; choose from {IMAGE_TASKS}")
+    if name not in TASK_SPECS and name not in CLIP_TASK_SPECS:
+        raise ValueError(f"unknown image task {name!r}; choose from {IMAGE_TASKS + tuple(CLIP_TASK_SPECS)}")
     rng = task_rng(seed, name, split)
     generate = functools.partial(_digit, pool=_digit_pool(split)) if name == "digits" else _TASKS[name]
     samples = []
-    for answer in balanced(rng, n, TASK_SPECS[name].answers):
+    for answer in balanced(rng, n, (TASK_SPECS.get(name) or CLIP_TASK_SPECS[name]).answers):
         question, image = generate(rng, answer)
         samples.append(Sample(image, question, answer, name))
     return samples
