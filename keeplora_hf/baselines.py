@@ -86,6 +86,8 @@ METHODS: dict[str, Method] = {
         Method("keeplora++ eps_f=0.999", "KeepLoRA++ with a larger feature memory", _keeplora(feature_energy=0.999)),
         Method("keeplora++ memory=mean_gradient", "KeepLoRA++ with the reference LLaVA memory (mean-gradient input side)",
                _keeplora(feature_source="mean_gradient")),
+        Method("keeplora++ statistic=position_mean", "KeepLoRA++ whose memory grows from position-averaged layer inputs "
+               "(the reference CLIP code's statistic)", _keeplora(activation_statistic="position_mean")),
         Method("keeplora++ memory=gradients", "KeepLoRA++ with the memory from per-batch gradient covariances",
                _keeplora(feature_source="gradients")),
         Method("joint-lora", "one LoRA on all tasks at once (upper bound)", _lora, kind="joint"),

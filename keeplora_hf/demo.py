@@ -62,7 +62,7 @@ class DemoSettings:
     overwrite: bool = False
     data_seed: int = 0
     dtype: str = "float32"  # the base model's dtype, as users load it (bfloat16: finished tasks stay a float32 branch)
-    orders: int = 1  # task orders: `tasks` as given, then fixed random permutations of it (see `task_orders`)
+    orders: int = 1  # task orders of the image and CLIP sequences: as given, then fixed permutations (`task_orders`)
     clip: bool = False  # also the CLIP classification sequence, on the pre-trained demo CLIP (`keeplora_hf.clip_demo`)
     clip_tasks: tuple[str, ...] = CLIP_TASKS
     clip_train_size: int = 480
@@ -87,27 +87,33 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         raise ValueError("no sequence to run: without the image sequence, ask for --video and/or --clip")
     out = Path(settings.output_dir)
     data = _benchmark_data(out / "data", settings) if settings.image or settings.video else {}
-    orders = task_orders(settings.tasks, settings.orders)
-    runs = [(_order_name(k), replace(settings, tasks=order)) for k, order in enumerate(orders)]
-    sequences = [(_image_sequence(data, s, name), s) for name, s in runs] if settings.image else []
+    sequences: list[tuple[str, Sequence, DemoSettings]] = []  # (family, sequence, the settings it runs with)
+    if settings.image:
+        for k, order in enumerate(task_orders(settings.tasks, settings.orders)):
+            run_settings = replace(settings, tasks=order)
+            sequences.append(("image", _image_sequence(data, run_settings, _order_name("image", k)), run_settings))
     if settings.video:
-        sequences.append((_video_sequence(data, settings), settings))
+        sequences.append(("video", _video_sequence(data, settings), settings))
     if settings.clip:
-        sequences.append((_clip_sequence(out / "data", settings), settings))
+        for k, order in enumerate(task_orders(settings.clip_tasks, settings.orders)):
+            run_settings = replace(settings, clip_tasks=order)
+            sequences.append(("clip", _clip_sequence(out / "data", run_settings, _order_name("clip", k)), run_settings))
     summary: dict[str, Any] = {"settings": asdict(settings), "sequences": {}}
-    every_order: dict[tuple[int, int], dict[str, Any]] = {}
-    for k, (sequence, run_settings) in enumerate(sequences):
+    every_order: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
+    for family, sequence, run_settings in sequences:
         per_seed = {
             seed: run_sequence(sequence, settings.methods, seed, out / sequence.name / f"seed{seed}",
                                overwrite=settings.overwrite, config=asdict(run_settings))
             for seed in settings.seeds
         }
         summary["sequences"][sequence.name] = summarize(per_seed)
-        if sequence.name.startswith("image"):
-            every_order.update({(k, seed): results for seed, results in per_seed.items()})
+        runs = every_order.setdefault(family, {})
+        runs.update({(len(runs) // len(settings.seeds), seed): results for seed, results in per_seed.items()})
         print(terminal_summary(per_seed[settings.seeds[-1]]))
-    if settings.image and len(orders) > 1:  # the spread over orders and seeds together
-        summary["sequences"][f"image, {len(orders)} orders"] = summarize(every_order)
+    if settings.orders > 1:  # the spread over orders and seeds together
+        for family in ("image", "clip"):
+            if family in every_order:
+                summary["sequences"][f"{family}, {settings.orders} orders"] = summarize(every_order[family])
     atomic_write_json(out / "summary.json", to_jsonable(summary))
     (out / "summary.md").write_text(summary_markdown(summary))
     print(summary_markdown(summary))
@@ -130,8 +136,8 @@ def task_orders(tasks: tuple[str, ...], count: int) -> list[tuple[str, ...]]:
     return orders
 
 
-def _order_name(index: int) -> str:
-    return "image" if index == 0 else f"image-order{index}"
+def _order_name(family: str, index: int) -> str:
+    return family if index == 0 else f"{family}-order{index}"
 
 
 def _image_sequence(data: dict[str, Any], settings: DemoSettings, name: str = "image") -> Sequence:
@@ -157,7 +163,7 @@ def _video_sequence(data: dict[str, Any], settings: DemoSettings) -> Sequence:
                     _budget(settings, settings.video_epochs), DEMO_TARGETS, _recorded(settings))
 
 
-def _clip_sequence(data_dir: Path, settings: DemoSettings) -> Sequence:
+def _clip_sequence(data_dir: Path, settings: DemoSettings, name: str = "clip") -> Sequence:
     budget = Budget(settings.clip_epochs, settings.batch_size, settings.clip_learning_rate, settings.rank,
                     settings.alpha, settings.dtype)
     recorded = {k: v for k, v in asdict(settings).items() if k.startswith("clip_")}
@@ -165,7 +171,8 @@ def _clip_sequence(data_dir: Path, settings: DemoSettings) -> Sequence:
                     data_seed=settings.data_seed, general_size=settings.general_size)
     return clip_sequence(data_dir / "clip", budget, recorded, train_size=settings.clip_train_size,
                          eval_size=settings.clip_eval_size, general_size=settings.general_size,
-                         model_path=settings.clip_model_path, seed=settings.data_seed, tasks=settings.clip_tasks)
+                         model_path=settings.clip_model_path, seed=settings.data_seed, tasks=settings.clip_tasks,
+                         name=name)
 
 
 def _budget(settings: DemoSettings, epochs: float) -> Budget:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -92,6 +93,9 @@ def test_clip_sequence_runs_every_kind_of_method_and_resumes(tmp_path, quick_cli
     assert joint["accuracy_matrix"][1] == [None] * len(TASKS) and joint["metrics"]["last"] is not None
     again = run_demo(settings)
     assert json.loads(json.dumps(again, default=str)) == json.loads(json.dumps(summary, default=str))
+    reordered = run_demo(replace(settings, methods=("zero-shot",), orders=2))  # its own sequences, its own summary
+    assert set(reordered["sequences"]) == {"clip", "clip-order1", "clip, 2 orders"}
+    assert reordered["sequences"]["clip, 2 orders"]["seeds"] == ["order0/seed0", "order1/seed0"]
 
 
 def test_heads_methods_are_skipped_on_sequences_without_a_classifier(tmp_path):
