@@ -24,10 +24,12 @@ def main() -> None:
     parser.add_argument("--no-image", action="store_true", help="with --video / --clip: those sequences alone")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--orders", type=int, default=1, help="task orders: the default one, then fixed permutations")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="run nothing: the summary of the finished runs (methods run over fewer seeds count fewer)")
     args = parser.parse_args()
     run_demo(DemoSettings(output_dir=args.output_dir, methods=tuple(args.methods), seeds=tuple(range(args.seeds)),
                           video=args.video, clip=args.clip, image=not args.no_image, dtype=args.dtype,
-                          orders=args.orders))
+                          orders=args.orders, summary_only=args.summary_only))
 
 
 if __name__ == "__main__":

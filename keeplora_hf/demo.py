@@ -70,10 +70,11 @@ class DemoSettings:
     clip_epochs: float = 3.0
     clip_learning_rate: float = 5e-3
     clip_model_path: str | None = None
+    summary_only: bool = False  # run nothing: summarise the finished runs of `methods` in `output_dir`
 
 
 # Settings of no sequence's runs: which methods, seeds and sequences run beside a run, and where it is written.
-_NOT_RECORDED = ("output_dir", "methods", "seeds", "overwrite", "video", "image", "orders", "clip")
+_NOT_RECORDED = ("output_dir", "methods", "seeds", "overwrite", "video", "image", "orders", "clip", "summary_only")
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
@@ -103,7 +104,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     for family, sequence, run_settings in sequences:
         per_seed = {
             seed: run_sequence(sequence, settings.methods, seed, out / sequence.name / f"seed{seed}",
-                               overwrite=settings.overwrite, config=asdict(run_settings))
+                               overwrite=settings.overwrite, config=asdict(run_settings),
+                               finished_only=settings.summary_only)
             for seed in settings.seeds
         }
         summary["sequences"][sequence.name] = summarize(per_seed)

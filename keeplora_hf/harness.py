@@ -76,14 +76,18 @@ class Sequence:
 
 
 def run_sequence(sequence: Sequence, methods: tuple[str, ...], seed: int, out: Path, *, overwrite: bool = False,
-                 config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every method of `methods` the sequence supports on one seed, finished runs reused; results and plots in `out`."""
+                 config: dict[str, Any] | None = None, finished_only: bool = False) -> dict[str, Any]:
+    """Every method of `methods` the sequence supports on one seed, finished runs reused; results and plots in `out`.
+
+    `finished_only` runs nothing: the methods with a finished run are collected (a summary of what is there)."""
     results: dict[str, Any] = {
         "tasks": [t.name for t in sequence.tasks], "methods": {}, "config": config or {}, "seed": seed,
     }
     for name in methods:
         if not sequence.supports(METHODS[name]):
             logger.info("%s: skipped on the %s sequence, which has no classifier heads", name, sequence.name)
+            continue
+        if finished_only and not (out / _slug(name) / RESULTS_FILE).exists():
             continue
         entry = _run_method(METHODS[name], sequence, seed, out / _slug(name), overwrite)
         results["methods"][name] = entry["methods"][name]

@@ -93,6 +93,10 @@ def test_clip_sequence_runs_every_kind_of_method_and_resumes(tmp_path, quick_cli
     assert joint["accuracy_matrix"][1] == [None] * len(TASKS) and joint["metrics"]["last"] is not None
     again = run_demo(settings)
     assert json.loads(json.dumps(again, default=str)) == json.loads(json.dumps(summary, default=str))
+    # a summary of what is there: keeplora++ never ran, so it is left out rather than run
+    collected = run_demo(replace(settings, methods=(*settings.methods, "keeplora++"), summary_only=True))
+    assert json.dumps(collected["sequences"]["clip"], sort_keys=True) == json.dumps(summary["sequences"]["clip"], sort_keys=True)
+    assert not (tmp_path / "demo" / "clip" / "seed0" / "keeplora++").exists()
     reordered = run_demo(replace(settings, methods=("zero-shot",), orders=2))  # its own sequences, its own summary
     assert set(reordered["sequences"]) == {"clip", "clip-order1", "clip, 2 orders"}
     assert reordered["sequences"]["clip, 2 orders"]["seeds"] == ["order0/seed0", "order1/seed0"]
