@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from peft import LoraConfig, OSFConfig, PeftConfig
@@ -39,7 +39,8 @@ class Method:
     #: how the benchmark drives it: "sequential" (task after task), "joint" (all tasks at once), "single" (each task
     #: alone from the pre-trained model) or "none" (zero-shot)
     kind: str = "sequential"
-    settings: dict[str, Any] = field(default_factory=dict)
+    #: a cosine head per task over the image features (KeepLoRA++cls): classification sequences only
+    classifier_heads: bool = False
 
 
 def _keeplora(**settings: Any) -> ConfigFactory:
@@ -79,7 +80,7 @@ METHODS: dict[str, Method] = {
         Method("keeplora", "KeepLoRA: principal subspace + feature memory, gamma = 1", _keeplora(layer_scale_gamma=1.0)),
         Method("keeplora++", "KeepLoRA++: + layer scaling, gamma = 0.2", _keeplora(layer_scale_gamma=0.2)),
         Method("keeplora++cls", "KeepLoRA++ with a cosine classifier head per task (classification sequences only)",
-               _keeplora(layer_scale_gamma=0.2), settings={"classifier_heads": True}),
+               _keeplora(layer_scale_gamma=0.2), classifier_heads=True),
         Method("keeplora++ eps_w=0.3", "KeepLoRA++ with a smaller principal subspace", _keeplora(principal_energy=0.3)),
         Method("keeplora++ eps_w=0.9", "KeepLoRA++ with a larger principal subspace", _keeplora(principal_energy=0.9)),
         Method("keeplora++ eps_f=0.9", "KeepLoRA++ with a smaller feature memory", _keeplora(feature_energy=0.9)),

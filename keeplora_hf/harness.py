@@ -72,7 +72,7 @@ class Sequence:
     one_task_batches: bool = False  # a batch must hold one task's rows (CLIP scores them against its class prompts)
 
     def supports(self, method: Method) -> bool:
-        return not method.settings.get("classifier_heads") or self.classifier_heads is not None
+        return not method.classifier_heads or self.classifier_heads is not None
 
 
 def run_sequence(sequence: Sequence, methods: tuple[str, ...], seed: int, out: Path, *, overwrite: bool = False,
@@ -115,7 +115,7 @@ def _run_method(method: Method, sequence: Sequence, seed: int, out: Path, overwr
     keeplora = isinstance(model.base_model, KeepLoRAModel)
     trainer_kwargs = {**sequence.trainer_kwargs, **(sequence.keeplora_kwargs if keeplora else {})}
     trainer_class = None
-    if method.settings.get("classifier_heads"):
+    if method.classifier_heads:
         trainer_class = sequence.classifier_heads(KeepLoRATrainer if keeplora else Trainer)
     runner = ContinualRunner(
         model, tasks, args, out, general_sets=general, data_collator=sequence.collator, method=method.name,
