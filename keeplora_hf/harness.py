@@ -87,9 +87,12 @@ def run_sequence(sequence: Sequence, methods: tuple[str, ...], seed: int, out: P
         if not sequence.supports(METHODS[name]):
             logger.info("%s: skipped on the %s sequence, which has no classifier heads", name, sequence.name)
             continue
-        if finished_only and not (out / _slug(name) / RESULTS_FILE).exists():
-            continue
-        entry = _run_method(METHODS[name], sequence, seed, out / _slug(name), overwrite)
+        if finished_only:
+            if not (out / _slug(name) / RESULTS_FILE).exists():
+                continue
+            entry = _finished(out / _slug(name), sequence.recorded)
+        else:
+            entry = _run_method(METHODS[name], sequence, seed, out / _slug(name), overwrite)
         results["methods"][name] = entry["methods"][name]
         results["versions"] = entry.get("versions", {})
     write_report(results, out)
