@@ -25,17 +25,22 @@ from .harness import Budget, Sequence
 from .models.demo_clip import DEMO_CLIP_TARGETS, load_demo_clip
 from .recipes.clip import ClassifierHeadTrainers, TaskClipCollator, clip_loss, clip_zero_shot_metric
 
-__all__ = ["clip_sequence"]
+__all__ = ["clip_data", "clip_sequence"]
 
 EVAL_BATCH_SIZE = 128
 
 
-def clip_sequence(data_dir: Path, budget: Budget, recorded: dict[str, Any], *, train_size: int, eval_size: int,
-                  general_size: int, model_path: str | None = None, seed: int = 0,
-                  tasks: tuple[str, ...] = CLIP_TASKS, name: str = "clip") -> Sequence:
-    """The CLIP sequence over `tasks` (in that order), its data written once into `data_dir` and read back."""
+def clip_data(data_dir: Path, tasks: tuple[str, ...], *, train_size: int, eval_size: int, general_size: int,
+              seed: int = 0) -> dict[str, Any]:
+    """The CLIP benchmark's `tasks` and general skills, written once into `data_dir` and read back (every task order
+    of a run shares one load)."""
     write_clip_benchmark(data_dir, train_size=train_size, eval_size=eval_size, general_size=general_size, seed=seed)
-    data = load_clip_benchmark(data_dir)
+    return load_clip_benchmark(data_dir, tasks)
+
+
+def clip_sequence(data: dict[str, Any], budget: Budget, recorded: dict[str, Any], *, model_path: str | None = None,
+                  tasks: tuple[str, ...] = CLIP_TASKS, name: str = "clip") -> Sequence:
+    """The CLIP sequence over `tasks` (in that order) of `data` (`clip_data`)."""
     _, processor = load_demo_clip(model_path)
     collators = {n: ClipCollator(processor, list(skill_spec(n).answers), class_prompt(n))
                  for n in (*tasks, *CLIP_GENERAL_SKILLS)}

@@ -11,7 +11,7 @@ import numpy as np
 from datasets import Dataset
 
 from .baselines import DEFAULT_METHODS, METHODS
-from .clip_demo import clip_sequence
+from .clip_demo import clip_data, clip_sequence
 from .continual import ContinualTask, GeneralSet
 from .continual.checkpoint import atomic_write_json, read_json
 from .continual.evaluation import answer_exact_match
@@ -88,20 +88,24 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         raise ValueError("no sequence to run: without the image sequence, ask for --video and/or --clip")
     out = Path(settings.output_dir)
     data = _benchmark_data(out / "data", settings) if settings.image or settings.video else {}
-    sequences: list[tuple[str, Sequence, DemoSettings]] = []  # (family, sequence, the settings it runs with)
+    # (family, task order index, sequence, the settings it runs with)
+    sequences: list[tuple[str, int, Sequence, DemoSettings]] = []
     if settings.image:
         for k, order in enumerate(task_orders(settings.tasks, settings.orders)):
             run_settings = replace(settings, tasks=order)
-            sequences.append(("image", _image_sequence(data, run_settings, _order_name("image", k)), run_settings))
+            sequences.append(("image", k, _image_sequence(data, run_settings, _order_name("image", k)), run_settings))
     if settings.video:
-        sequences.append(("video", _video_sequence(data, settings), settings))
+        sequences.append(("video", 0, _video_sequence(data, settings), settings))
     if settings.clip:
+        clip_tables = clip_data(out / "data" / "clip", settings.clip_tasks, train_size=settings.clip_train_size,
+                                eval_size=settings.clip_eval_size, general_size=settings.general_size,
+                                seed=settings.data_seed)
         for k, order in enumerate(task_orders(settings.clip_tasks, settings.orders)):
             run_settings = replace(settings, clip_tasks=order)
-            sequences.append(("clip", _clip_sequence(out / "data", run_settings, _order_name("clip", k)), run_settings))
+            sequences.append(("clip", k, _clip_sequence(clip_tables, run_settings, _order_name("clip", k)), run_settings))
     summary: dict[str, Any] = {"settings": asdict(settings), "sequences": {}}
     every_order: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
-    for family, sequence, run_settings in sequences:
+    for family, k, sequence, run_settings in sequences:
         per_seed = {
             seed: run_sequence(sequence, settings.methods, seed, out / sequence.name / f"seed{seed}",
                                overwrite=settings.overwrite, config=asdict(run_settings),
@@ -109,8 +113,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             for seed in settings.seeds
         }
         summary["sequences"][sequence.name] = summarize(per_seed)
-        runs = every_order.setdefault(family, {})
-        runs.update({(len(runs) // len(settings.seeds), seed): results for seed, results in per_seed.items()})
+        every_order.setdefault(family, {}).update({(k, seed): results for seed, results in per_seed.items()})
         print(terminal_summary(per_seed[settings.seeds[-1]]))
     if settings.orders > 1:  # the spread over orders and seeds together
         for family in ("image", "clip"):
@@ -165,20 +168,18 @@ def _video_sequence(data: dict[str, Any], settings: DemoSettings) -> Sequence:
                     _budget(settings, settings.video_epochs), DEMO_TARGETS, _recorded(settings))
 
 
-def _clip_sequence(data_dir: Path, settings: DemoSettings, name: str = "clip") -> Sequence:
-    budget = Budget(settings.clip_epochs, settings.batch_size, settings.clip_learning_rate, settings.rank,
-                    settings.alpha, settings.dtype)
+def _clip_sequence(data: dict[str, Any], settings: DemoSettings, name: str = "clip") -> Sequence:
+    budget = _budget(settings, settings.clip_epochs, settings.clip_learning_rate)
     recorded = {k: v for k, v in asdict(settings).items() if k.startswith("clip_")}
     recorded.update(rank=settings.rank, alpha=settings.alpha, batch_size=settings.batch_size, dtype=settings.dtype,
                     data_seed=settings.data_seed, general_size=settings.general_size)
-    return clip_sequence(data_dir / "clip", budget, recorded, train_size=settings.clip_train_size,
-                         eval_size=settings.clip_eval_size, general_size=settings.general_size,
-                         model_path=settings.clip_model_path, seed=settings.data_seed, tasks=settings.clip_tasks,
+    return clip_sequence(data, budget, recorded, model_path=settings.clip_model_path, tasks=settings.clip_tasks,
                          name=name)
 
 
-def _budget(settings: DemoSettings, epochs: float) -> Budget:
-    return Budget(epochs, settings.batch_size, settings.learning_rate, settings.rank, settings.alpha, settings.dtype)
+def _budget(settings: DemoSettings, epochs: float, learning_rate: float | None = None) -> Budget:
+    return Budget(epochs, settings.batch_size, learning_rate or settings.learning_rate, settings.rank, settings.alpha,
+                  settings.dtype)
 
 
 def _recorded(settings: DemoSettings) -> dict[str, Any]:
@@ -229,6 +230,3 @@ def _benchmark_data(data_dir: Path, settings: DemoSettings) -> dict[str, Any]:
             for name in manifest["video_task_order"]
         }
     return data
-
-
-

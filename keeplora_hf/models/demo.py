@@ -91,26 +91,27 @@ def build_demo_model(seed: int = 0) -> LlavaForConditionalGeneration:
         return LlavaForConditionalGeneration(demo_config())
 
 
-_SQUARE = {"size": {"shortest_edge": DEMO_IMAGE_SIZE}, "crop_size": {"height": DEMO_IMAGE_SIZE, "width": DEMO_IMAGE_SIZE}}
+DEMO_SQUARE = {"size": {"shortest_edge": DEMO_IMAGE_SIZE}, "crop_size": {"height": DEMO_IMAGE_SIZE, "width": DEMO_IMAGE_SIZE}}
 _PLACEHOLDERS = {"patch_size": DEMO_PATCH_SIZE, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
 
 
-def _demo_tokenizer():
-    return build_tiny_tokenizer("llava", words=demo_vocabulary(), vocab_size=DEMO_VOCAB_SIZE)
+def demo_tokenizer(family: str = "llava"):
+    """The demo vocabulary with `family`'s special tokens ("llava" for the demo VLM, "clip" for the demo CLIP)."""
+    return build_tiny_tokenizer(family, words=demo_vocabulary(), vocab_size=DEMO_VOCAB_SIZE)
 
 
 def build_demo_processor() -> LlavaProcessor:
     return LlavaProcessor(
-        image_processor=CLIPImageProcessor(**_SQUARE), tokenizer=_demo_tokenizer(), chat_template=CHAT_TEMPLATE,
+        image_processor=CLIPImageProcessor(**DEMO_SQUARE), tokenizer=demo_tokenizer(), chat_template=CHAT_TEMPLATE,
         **_PLACEHOLDERS,
     )
 
 
 def build_demo_video_processor() -> LlavaNextVideoProcessor:
     return LlavaNextVideoProcessor(
-        video_processor=LlavaNextVideoVideoProcessor(**_SQUARE),
-        image_processor=LlavaNextImageProcessor(**_SQUARE, image_grid_pinpoints=[[DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE]]),
-        tokenizer=_demo_tokenizer(),
+        video_processor=LlavaNextVideoVideoProcessor(**DEMO_SQUARE),
+        image_processor=LlavaNextImageProcessor(**DEMO_SQUARE, image_grid_pinpoints=[[DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE]]),
+        tokenizer=demo_tokenizer(),
         chat_template=CHAT_TEMPLATE,
         **_PLACEHOLDERS,
     )
@@ -147,10 +148,15 @@ def video_model_from_image_model(image_model: LlavaForConditionalGeneration) -> 
 
 def load_demo_model(path: str | Path | None = None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """The pre-trained demo model and its processor, from `path` or the checkpoint shipped with the package."""
-    path = Path(path) if path is not None else SHIPPED_CHECKPOINT
+    return load_pretrained(LlavaForConditionalGeneration, path, SHIPPED_CHECKPOINT, "demo model", "pretrain")
+
+
+def load_pretrained(model_class: type, path: str | Path | None, shipped: Path, what: str, command: str) -> tuple:
+    """A demo checkpoint in float32 and its processor, from `path` or `shipped`; a missing one names the
+    `keeplora-hf` `command` that makes it."""
+    path = Path(path) if path is not None else shipped
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"no pre-trained demo model at {path}; create one with `keeplora-hf pretrain --output-dir {path}`"
+            f"no pre-trained {what} at {path}; create one with `keeplora-hf {command} --output-dir {path}`"
         )
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-    return model, AutoProcessor.from_pretrained(path)
+    return model_class.from_pretrained(path, dtype=torch.float32), AutoProcessor.from_pretrained(path)

@@ -11,10 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from .demo import DEMO_IMAGE_SIZE, DEMO_PATCH_SIZE, DEMO_VOCAB_SIZE, demo_vocabulary
-from .processors import CLIP_EOS_ID, CLIP_MAX_LENGTH, build_tiny_tokenizer
+from .demo import (
+    DEMO_IMAGE_SIZE,
+    DEMO_PATCH_SIZE,
+    DEMO_SQUARE,
+    DEMO_VOCAB_SIZE,
+    demo_tokenizer,
+    load_pretrained,
+)
+from .processors import CLIP_EOS_ID, CLIP_MAX_LENGTH
 from .tiny import BOS_ID, PAD_ID
 
 SHIPPED_CLIP_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "demo_clip"
@@ -42,17 +49,9 @@ def build_demo_clip(seed: int = 0) -> CLIPModel:
 
 
 def build_demo_clip_processor() -> CLIPProcessor:
-    square = {"size": {"shortest_edge": DEMO_IMAGE_SIZE}, "crop_size": {"height": DEMO_IMAGE_SIZE, "width": DEMO_IMAGE_SIZE}}
-    tokenizer = build_tiny_tokenizer("clip", words=demo_vocabulary(), vocab_size=DEMO_VOCAB_SIZE)
-    return CLIPProcessor(image_processor=CLIPImageProcessor(**square), tokenizer=tokenizer)
+    return CLIPProcessor(image_processor=CLIPImageProcessor(**DEMO_SQUARE), tokenizer=demo_tokenizer("clip"))
 
 
 def load_demo_clip(path: str | Path | None = None) -> tuple[CLIPModel, CLIPProcessor]:
     """The pre-trained demo CLIP and its processor, from `path` or the checkpoint shipped with the package."""
-    path = Path(path) if path is not None else SHIPPED_CLIP_CHECKPOINT
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"no pre-trained demo CLIP at {path}; create one with `keeplora-hf pretrain-clip --output-dir {path}`"
-        )
-    model = CLIPModel.from_pretrained(path, dtype=torch.float32)
-    return model, AutoProcessor.from_pretrained(path)
+    return load_pretrained(CLIPModel, path, SHIPPED_CLIP_CHECKPOINT, "demo CLIP", "pretrain-clip")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..continual.checkpoint import atomic_directory
+from ..data.collators import ClipCollator
 from ..data.synthetic.classification import CLIP_GENERAL_SKILLS, class_prompt, clip_general_samples, skill_spec
 from .demo_clip import build_demo_clip, build_demo_clip_processor
 
@@ -39,15 +40,10 @@ class ClipPretrainSettings:
 
 
 def _skill_tensors(processor, skill: str, split: str, n: int, seed: int) -> dict[str, torch.Tensor]:
-    samples = clip_general_samples(skill, split, n, seed)
-    answers = skill_spec(skill).answers
-    prompts = processor(text=[class_prompt(skill).format(a) for a in answers], padding=True, return_tensors="pt")
-    return {
-        "pixel_values": processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"],
-        "labels": torch.tensor([answers.index(s.answer) for s in samples]),
-        "input_ids": prompts["input_ids"],
-        "attention_mask": prompts["attention_mask"],
-    }
+    """`n` samples of `skill` as one batch: pixels, labels and the skill's class prompts."""
+    answers = list(skill_spec(skill).answers)
+    rows = [{"image": s.image, "label": answers.index(s.answer)} for s in clip_general_samples(skill, split, n, seed)]
+    return ClipCollator(processor, answers, class_prompt(skill))(rows)
 
 
 @torch.no_grad()

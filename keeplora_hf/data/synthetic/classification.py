@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,12 @@ from .tasks import (
     GENERAL_SKILLS,
     IMAGE_TASKS,
     SPLITS,
-    TASK_SPECS,
     Sample,
     TaskSpec,
     general_samples,
     make_task,
     task_rng,
+    task_spec,
 )
 
 __all__ = ["CLIP_CANDIDATE_TASKS", "CLIP_FORMAT", "CLIP_TASKS", "CLIP_GENERAL_SKILLS", "class_prompt", "clip_general_samples", "load_clip_benchmark",
@@ -54,10 +55,10 @@ _MANIFEST = "manifest.json"
 
 def skill_spec(name: str) -> TaskSpec:
     """The TaskSpec of a task or a general skill of the CLIP benchmark."""
-    if name in TASK_SPECS or name in CLIP_TASK_SPECS:
-        return TASK_SPECS.get(name) or CLIP_TASK_SPECS[name]
     if name in CLIP_GENERAL_SKILLS:
         return GENERAL_SKILLS[name]
+    if name in CLIP_CANDIDATE_TASKS:
+        return task_spec(name)
     raise ValueError(f"unknown task or skill {name!r}; choose from {(*CLIP_CANDIDATE_TASKS, *CLIP_GENERAL_SKILLS)}")
 
 
@@ -108,8 +109,9 @@ def write_clip_benchmark(data_dir: str | os.PathLike, *, train_size: int, eval_s
     return data_dir
 
 
-def load_clip_benchmark(data_dir: str | os.PathLike) -> dict[str, Any]:
-    """{"tasks": {task: {split: Dataset}}, "general": {skill: Dataset}}; every row carries its `task` (or skill)."""
+def load_clip_benchmark(data_dir: str | os.PathLike, tasks: Sequence[str] = CLIP_CANDIDATE_TASKS) -> dict[str, Any]:
+    """{"tasks": {task: {split: Dataset}}, "general": {skill: Dataset}} for `tasks` and every general skill; every
+    row carries its `task` (or skill)."""
     data_dir = Path(data_dir)
 
     def load(name: str, table: Path) -> datasets.Dataset:
@@ -117,6 +119,6 @@ def load_clip_benchmark(data_dir: str | os.PathLike) -> dict[str, Any]:
         return dataset.add_column("task", [name] * len(dataset))
 
     return {
-        "tasks": {n: {split: load(n, data_dir / n / f"{split}.csv") for split in SPLITS} for n in CLIP_CANDIDATE_TASKS},
+        "tasks": {n: {split: load(n, data_dir / n / f"{split}.csv") for split in SPLITS} for n in tasks},
         "general": {skill: load(skill, data_dir / "general" / f"{skill}.csv") for skill in CLIP_GENERAL_SKILLS},
     }

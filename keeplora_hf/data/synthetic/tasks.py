@@ -48,6 +48,7 @@ __all__ = [
     "general_eval_suite",
     "make_task",
     "task_rng",
+    "task_spec",
 ]
 
 SPLITS = ("train", "eval")
@@ -279,16 +280,16 @@ def _red_side(rng: np.random.Generator, answer: str) -> tuple[str, Image.Image]:
 
 
 def _bigger_colour(rng: np.random.Generator, answer: str) -> tuple[str, Image.Image]:
-    return _bigger_colour_scene(rng, answer)
+    return TASK_SPECS["bigger_colour"].question, _two_sizes_scene(rng, answer)
 
 
-def _bigger_colour_scene(rng: np.random.Generator, big_colour: str, small_colour: str | None = None
-                         ) -> tuple[str, Image.Image]:
+def _two_sizes_scene(rng: np.random.Generator, big_colour: str, small_colour: str | None = None) -> Image.Image:
+    """A big blob of `big_colour` and a small one of `small_colour` (default: another random colour), either first."""
     big = place_blob(rng, big_colour, _size(rng, 10, 13))
     small_colour = small_colour or random_colour(rng, exclude=[big_colour])
     small = place_blob(rng, small_colour, _size(rng, 4, 6), avoid=[big])
     blobs = [big, small] if rng.random() < 0.5 else [small, big]
-    return TASK_SPECS["bigger_colour"].question, render_scene(blobs, rng).image
+    return render_scene(blobs, rng).image
 
 
 def _colour_count(rng: np.random.Generator, answer: str) -> tuple[str, Image.Image]:
@@ -302,8 +303,7 @@ def _colour_count(rng: np.random.Generator, answer: str) -> tuple[str, Image.Ima
 
 def _smaller_colour(rng: np.random.Generator, answer: str) -> tuple[str, Image.Image]:
     """bigger_colour's scenes, asked about the other blob."""
-    _, image = _bigger_colour_scene(rng, random_colour(rng, exclude=[answer]), answer)
-    return CLIP_TASK_SPECS["smaller_colour"].question, image
+    return CLIP_TASK_SPECS["smaller_colour"].question, _two_sizes_scene(rng, random_colour(rng, exclude=[answer]), answer)
 
 
 def _above_below(rng: np.random.Generator, answer: str) -> tuple[str, Image.Image]:
@@ -366,17 +366,24 @@ _TASKS: dict[str, _Sampler] = {
 }
 
 
+def task_spec(name: str) -> TaskSpec:
+    """The spec of image task `name`: one of `IMAGE_TASKS`, or of the CLIP sequence's own `CLIP_TASK_SPECS`."""
+    spec = TASK_SPECS.get(name) or CLIP_TASK_SPECS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown image task {name!r}; choose from {IMAGE_TASKS + tuple(CLIP_TASK_SPECS)}")
+    return spec
+
+
 def make_task(name: str, split: str, n: int, seed: int = 0) -> list[Sample]:
     """`n` samples of image task `name` (one of `IMAGE_TASKS`) with balanced answers.
 
     "train" and "eval" are independent draws; for `digits` they also come from disjoint scans.
     """
-    if name not in TASK_SPECS and name not in CLIP_TASK_SPECS:
-        raise ValueError(f"unknown image task {name!r}; choose from {IMAGE_TASKS + tuple(CLIP_TASK_SPECS)}")
+    spec = task_spec(name)
     rng = task_rng(seed, name, split)
     generate = functools.partial(_digit, pool=_digit_pool(split)) if name == "digits" else _TASKS[name]
     samples = []
-    for answer in balanced(rng, n, (TASK_SPECS.get(name) or CLIP_TASK_SPECS[name]).answers):
+    for answer in balanced(rng, n, spec.answers):
         question, image = generate(rng, answer)
         samples.append(Sample(image, question, answer, name))
     return samples
