@@ -33,10 +33,17 @@ def merged_delta(tasks: list[FinishedTask]) -> torch.Tensor:
 
 
 class FrozenBranch:
-    """`sum_t s_t B_t A_t x` of a layer's unmerged tasks in float32, their factors stacked: one `A` (`R x d_in`), one
-    `B`, so any number of tasks costs one pair of products. One layer scale for all tasks is applied after `B`, as
-    LoRA applies it, so a task's function survives `end_task` bit for bit; otherwise each task's scale is folded into
-    its columns of `B`."""
+    """`sum_t s_t B_t A_t x` of a layer's unmerged tasks, their factors stacked: one `A` (`R x d_in`), one `B`, so any
+    number of tasks costs one pair of products. One layer scale for all tasks is applied after `B`, as LoRA applies
+    it, so a task's function survives `end_task` bit for bit; otherwise each task's scale is folded into its columns of
+    `B`.
+
+    Outside autocast the products run in float32 (exact). Under a 16-bit autocast (`Trainer(bf16=True)`, accelerate's
+    `mixed_precision`) they run in that dtype, as the base layer's do, but with `A` split into two 16-bit halves
+    `A_hi + A_lo` whose products are summed in float32: rounding `A` itself to 16 bits would tilt the finished updates
+    into the protected subspace (1.2e-3 of their norm, `benchmarks/branch_step_time.py`), the halves keep that under
+    2e-6. `B`'s rounding scales the update but cannot tilt it. `applied_update` is the update each way applies.
+    """
 
     def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor, ranks: list[int], scalings: list[float]) -> None:
         if len(set(scalings)) == 1:
@@ -44,7 +51,42 @@ class FrozenBranch:
         else:
             columns = torch.cat([lora_B.new_full((r,), s) for r, s in zip(ranks, scalings)])
             self.lora_A, self.lora_B, self.scaling = lora_A, lora_B * columns, None
+        self._halves: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        dtype = autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            if dtype is None:
+                out = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+            else:
+                halves, lora_B = self._split(dtype)
+                both = F.linear(x.to(dtype), halves)
+                rank = self.lora_A.shape[0]
+                inner = both[..., :rank].to(self.lora_A.dtype) + both[..., rank:]
+                out = F.linear(inner.to(dtype), lora_B).to(self.lora_A.dtype)
         return out if self.scaling is None else out.mul_(self.scaling)  # in place: not saved for backward
+
+    def applied_update(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The update `Delta W` the branch applies (float64), outside autocast (`dtype=None`) or under a `dtype`
+        autocast: what its leak into the protected subspace is measured on."""
+        if dtype is None:
+            a, b = self.lora_A.double(), self.lora_B.double()
+        else:
+            halves, lora_B = self._split(dtype)
+            rank = self.lora_A.shape[0]
+            a, b = halves[:rank].double() + halves[rank:].double(), lora_B.double()
+        delta = b @ a
+        return delta if self.scaling is None else delta * self.scaling
+
+    def _split(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[A_hi; A_lo]` and `B` in `dtype`, made once per dtype (on the factors' device)."""
+        if dtype not in self._halves:
+            high = self.lora_A.to(dtype)
+            low = (self.lora_A - high.to(self.lora_A.dtype)).to(dtype)
+            self._halves[dtype] = (torch.cat([high, low]), self.lora_B.to(dtype))
+        return self._halves[dtype]
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on `device_type`, or None where it is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None

@@ -1,0 +1,100 @@
+"""Finished tasks under a 16-bit autocast (`Trainer(bf16=True)`, accelerate's `mixed_precision`): the frozen branch
+runs in the autocast dtype with `A` split into two 16-bit halves, and keeps each finished update out of the protected
+subspace as the float32 branch does (docs/precision.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from keeplora_hf import begin_task, end_task, learned_update, protected_basis
+from keeplora_hf.tuner.finished import FrozenBranch
+from keeplora_hf.tuner.layer import layer_state
+
+from keeplora_setups import learn, outputs, targets, wrap
+
+AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
+#: the guarantee's bound on `||Delta W P|| / ||Delta W||` (docs/precision.md)
+LEAK_BOUND = 1e-4
+
+
+def _leak(delta: torch.Tensor, protected: torch.Tensor) -> float:
+    return float((delta @ protected.double()).norm() / delta.norm())
+
+
+def _branch(device: str, d_in: int = 256, d_out: int = 384, tasks: int = 4, rank: int = 8):
+    """Finished tasks whose `A` rows avoid a protected half of the input space, as `end_task` leaves them."""
+    g = torch.Generator().manual_seed(0)
+    protected = torch.linalg.qr(torch.randn(d_in, d_in // 2, generator=g, dtype=torch.float64))[0]
+    a = torch.randn(tasks * rank, d_in, generator=g, dtype=torch.float64)
+    a = torch.linalg.qr((a - (a @ protected) @ protected.T).T)[0].T
+    b = torch.randn(d_out, tasks * rank, generator=g) * 1e-2
+    branch = FrozenBranch(a.float().to(device), b.to(device), [rank] * tasks, [0.5] * tasks)
+    return branch, protected.float().to(device)
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
+def test_the_split_branch_keeps_finished_updates_out_of_the_protected_subspace(device, dtype):
+    branch, protected = _branch(device)
+    rounded = branch.lora_B.double() @ branch.lora_A.to(dtype).double()  # A rounded to 16 bits: what autocast did
+    assert _leak(branch.applied_update(), protected) < 1e-6
+    assert _leak(branch.applied_update(dtype), protected) < LEAK_BOUND / 10
+    assert _leak(rounded, protected) > LEAK_BOUND  # the hazard is real at these shapes
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
+def test_under_autocast_the_branch_computes_its_applied_update_in_float32(device, dtype):
+    branch, _ = _branch(device)
+    x = torch.randn(32, branch.lora_A.shape[1], device=device).to(dtype).requires_grad_(True)
+    with torch.autocast(torch.device(device).type, dtype=dtype):
+        out = branch(x)
+    assert out.dtype == torch.float32
+    expected = x.detach().double() @ branch.applied_update(dtype).T
+    # two roundings to the 16-bit dtype on the way (the halves' products, the output of B), none of the update
+    assert (out.double() - expected).abs().max() <= 4 * torch.finfo(dtype).eps * expected.abs().max()
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    exact = branch(x.detach())  # outside autocast: float32, the exact path
+    assert (exact.double() - x.detach().double() @ branch.applied_update().T).abs().max() <= 1e-5 * exact.abs().max()
+
+
+def test_a_bfloat16_model_under_autocast_applies_its_finished_tasks_through_the_split_branch(device):
+    """Two tasks finished (the frozen branch of a bfloat16 base), then the model under autocast: what each target's
+    branch adds is its reported learned update, and inputs in the principal subspace, which both tasks' updates
+    avoid, get nothing but rounding."""
+    dtype = torch.bfloat16
+    model, batches, _ = wrap("llava", dtype=dtype, device=device)
+    principal = {}
+    for picks in ((0, 1), (1, 2)):
+        begin_task(model, [batches[i] for i in picks])
+        principal = principal or {name: protected_basis(model, name).float() for name in targets(model)}
+        learn(model, [batches[i] for i in picks])
+        end_task(model, [batches[i] for i in picks])
+    begin_task(model, [batches[2]])  # a third task under way: its LoRA starts at B = 0, so only the branch acts
+    device_type = torch.device(device).type
+    eps = torch.finfo(dtype).eps
+    for name, module in targets(model).items():
+        state = layer_state(module, "default")
+        assert state.branched_tasks == 2
+        protected = principal[name]
+        update = learned_update(model, name).double()
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(8, update.shape[1], generator=g).to(device=device, dtype=dtype)
+        inside = (torch.randn(8, protected.shape[1], generator=g).to(protected) @ protected.T).to(dtype)
+        with torch.no_grad(), torch.autocast(device_type, dtype=dtype):
+            added = module(x).double() - module.get_base_layer()(x).double()
+            moved = module(inside).double() - module.get_base_layer()(inside).double()
+        expected = x.double() @ update.T
+        largest = module.get_base_layer()(x).double().abs().max()
+        assert (added - expected).abs().max() <= 2 * eps * largest + 4 * eps * expected.abs().max(), name
+        assert _leak(state._branch.applied_update(dtype).double(), protected) < LEAK_BOUND, name
+        # protected rows: their own rounding off the subspace (|dW| |off|) and one rounding of the output, no more
+        off = inside.double() - (inside.double() @ protected.double()) @ protected.double().T
+        bound = torch.linalg.matrix_norm(update, ord=2) * off.norm(dim=1, keepdim=True) + 2 * eps * largest
+        assert (moved.abs() <= bound).all(), name
+    with torch.autocast(device_type, dtype=dtype):
+        loss = model(**batches[2]).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    assert outputs(model, batches[0]).dtype == dtype
