@@ -22,8 +22,9 @@ r = 32, lora_alpha = 8. In one run it measures:
    - the logits on one fixed batch just before against just after end_task (max abs diff), for both.
 4. save -> load: `save_pretrained`, a rebuilt base (same seed), `PeftModel.from_pretrained`, the logits compared
    (max abs diff, bit-identical or not); time of save and of load;
-5. the training step of a fresh task after 1, 4 and 8 finished tasks (random rank-r updates, a float32 branch on this
-   bfloat16 base) against PEFT LoRA's step of 1.
+5. the training step of a fresh task after 1, 4 and 8 finished tasks (random rank-r updates, a frozen branch on this
+   bfloat16 base) against PEFT LoRA's, interleaved, without autocast (the branch in float32) and under bfloat16
+   autocast (the recipes' setting: the branch in bfloat16 with `A` split in two halves).
 
 Run it on a machine with one CUDA GPU (estimated at about 6 minutes on an H200):
 
@@ -312,27 +313,48 @@ def logits_with_weights(
 
 
 def step_after_finished_tasks(
-    config: LlavaConfig, device: torch.device, settings: dict, data: list[dict], steps: int, dev: Device, lora: dict
+    config: LlavaConfig, device: torch.device, settings: dict, lora_settings: dict, data: list[dict], steps: int,
+    dev: Device,
 ) -> dict:
     """The training step of a task begun after 1, 4 and 8 finished tasks (random rank-r updates, kept as the default
-    config keeps them: a float32 branch on this bfloat16 base) against PEFT LoRA's step of the first comparison."""
-    model = get_peft_model(build_base(config, device), KeepLoRAConfig(**settings))
+    config keeps them on this bfloat16 base: a frozen branch) against PEFT LoRA's step in the same rounds, without
+    autocast (the branch in float32) and under bfloat16 autocast (the recipes' `bf16: true`; the branch in bfloat16
+    with `A` split in two halves)."""
+    models = {"lora": get_peft_model(build_base(config, device), LoraConfig(**lora_settings)),
+              "keeplora": get_peft_model(build_base(config, device), KeepLoRAConfig(**settings))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        begin_task(model, data, max_batches=len(data))
-    optimizer = optimizer_for(model)
-    out = {}
+        begin_task(models["keeplora"], data, max_batches=len(data))
+    optimizers = {name: optimizer_for(model) for name, model in models.items()}
+    out: dict = {}
     for count in FINISHED_TASK_COUNTS:
-        install_finished_tasks(model, count, settings["r"], seed=count)
-        seconds = []
-        for i in range(steps + 1):
-            batch = data[i % len(data)]
-            seconds.append(dev.measure(lambda: train_step(model, batch, optimizer))[1]["seconds"])
-        out[count] = {"seconds": summary(seconds[1:]),
-                      "over_lora_step": summary(seconds[1:])["median"] / lora["seconds"]["median"]}
-        log(f"step after {count} finished tasks: {out[count]['seconds']['median'] * 1e3:.1f} ms, "
-            f"{out[count]['over_lora_step']:.3f} x PEFT LoRA's")
+        install_finished_tasks(models["keeplora"], count, settings["r"], seed=count)
+        out[count] = {}
+        for mode in ("float32 branch", "bf16 autocast"):
+            times: dict[str, list[float]] = {name: [] for name in models}
+            for i in range(steps + 1):
+                for name in (list(models) if i % 2 else list(models)[::-1]):
+                    step = lambda: autocast_step(models[name], data[i % len(data)], optimizers[name],  # noqa: E731
+                                                 mode == "bf16 autocast")
+                    seconds = dev.measure(step)[1]["seconds"]
+                    if i:
+                        times[name].append(seconds)
+            out[count][mode] = {"seconds": summary(times["keeplora"]), "lora_seconds": summary(times["lora"]),
+                                "over_lora": ratio_summary(times["keeplora"], times["lora"])}
+            log(f"step after {count} finished tasks, {mode}: {out[count][mode]['seconds']['median'] * 1e3:.1f} ms, "
+                f"{out[count][mode]['over_lora']['median']:.3f} x PEFT LoRA's")
     return out
+
+
+def autocast_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, autocast: bool) -> float:
+    """A training step, its forward under bfloat16 autocast or not (the backward outside it, as the Trainer does)."""
+    model.train()
+    with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
 
 
 def _spread(values: list[float | None]) -> dict[str, float] | None:
@@ -442,7 +464,7 @@ def run(tiny: bool, batch: int, tokens: int, steps: int, task_batches: int) -> d
     log(f"save -> load: logits max abs diff {round_trip['logits_max_abs_diff']:.3g}, bit-identical: {identical}")
     del loaded, base
     dev.free()
-    after_tasks = step_after_finished_tasks(config, device, keeplora_settings, tasks[0], steps, dev, step["lora"])
+    after_tasks = step_after_finished_tasks(config, device, keeplora_settings, lora_settings, tasks[0], steps, dev)
     dev.free()
     return {
         "device": dev.name(),
@@ -567,12 +589,12 @@ def markdown(result: dict) -> str:
     rt = result["save_load"]
     lines += [
         "",
-        "## Step after finished tasks (a float32 branch on the bfloat16 base)",
+        "## Step after finished tasks (a frozen branch on the bfloat16 base), interleaved with PEFT LoRA's",
         "",
-        "| finished tasks | step (median) | ÷ PEFT LoRA step |",
-        "| ---: | --- | ---: |",
-        *[f"| {count} | {r['seconds']['median'] * 1e3:.1f} ms | {r['over_lora_step']:.3f} |"
-          for count, r in result["step_after_finished_tasks"].items()],
+        "| finished tasks | forward | step (median) | ÷ PEFT LoRA step (median of rounds) |",
+        "| ---: | --- | --- | ---: |",
+        *[f"| {count} | {mode} | {m['seconds']['median'] * 1e3:.1f} ms | {m['over_lora']['median']:.3f} |"
+          for count, modes in result["step_after_finished_tasks"].items() for mode, m in modes.items()],
     ]
     lines += [
         "",
