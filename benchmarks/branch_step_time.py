@@ -13,7 +13,10 @@ Two parts, each interleaved in one process (see measure.py):
   `leak` is the share of the applied update inside the protected subspace the tasks' `A` avoid
   (`||Delta P|| / ||Delta||`; the guarantee's bound is 1e-4).
 
-    python benchmarks/branch_step_time.py [--rounds 7] [--rank 16]
+- `branch_macs_llava_1.5_7b`: the branch's multiply-adds over the decoder projections' at LLaVA-1.5-7B's shapes
+  (r = 32), float32 and split under autocast: arithmetic, not a timing (`--cost-only` prints it alone).
+
+    python benchmarks/branch_step_time.py [--rounds 7] [--rank 16] [--cost-only]
 """
 
 from __future__ import annotations
@@ -30,6 +33,22 @@ from measure import configure_threads, interleaved, ratio_summary, summary, writ
 from setups import batches, lora, optimizer_for, ready_keeplora, train_step
 
 TASKS = (0, 1, 4, 8)
+#: LLaVA-1.5-7B's decoder projections per layer: (d_in, d_out, how many)
+LLAVA_7B_PROJECTIONS = {"q, k, v, o": (4096, 4096, 4), "gate, up": (4096, 11008, 2), "down": (11008, 4096, 1)}
+
+
+def branch_macs(rank: int = 32, counts: tuple[int, ...] = (1, 4, 8)) -> dict:
+    """Multiply-adds per token of the finished tasks' branch over the decoder projections' own, at LLaVA-1.5-7B's
+    shapes: float32 (`R (d_in + d_out)`, off a GPU's 16-bit tensor cores) and the split branch under 16-bit autocast
+    (`R (2 d_in + d_out)`, on them), `R = tasks x rank`. What the step adds is this share of the projections' work."""
+    base = sum(n * d_in * d_out for d_in, d_out, n in LLAVA_7B_PROJECTIONS.values())
+    out = {}
+    for count in counts:
+        total = count * rank
+        float32 = sum(n * total * (d_in + d_out) for d_in, d_out, n in LLAVA_7B_PROJECTIONS.values())
+        split = sum(n * total * (2 * d_in + d_out) for d_in, d_out, n in LLAVA_7B_PROJECTIONS.values())
+        out[count] = {"float32_branch": float32 / base, "split_branch_16bit": split / base}
+    return out
 
 
 def install_finished_tasks(model: torch.nn.Module, count: int, rank: int, seed: int) -> None:
@@ -142,9 +161,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--models", nargs="+", default=["llava-7bp-bf16", "llava-100m"])
+    parser.add_argument("--cost-only", action="store_true", help="only the multiply-add shares at LLaVA-1.5-7B shapes")
     args = parser.parse_args()
+    if args.cost_only:
+        print(branch_macs())
+        return
     configure_threads()
     result = {
+        "branch_macs_llava_1.5_7b": branch_macs(),
         "layer": layer_options(args.rank, args.rounds),
         "model": {name: model_steps(name, args.rank, args.rounds) for name in args.models},
     }
