@@ -52,8 +52,11 @@ def test_under_autocast_the_branch_computes_its_applied_update_in_float32(device
     expected = x.detach().double() @ branch.applied_update(dtype).T
     # two roundings to the 16-bit dtype on the way (the halves' products, the output of B), none of the update
     assert (out.double() - expected).abs().max() <= 4 * torch.finfo(dtype).eps * expected.abs().max()
-    out.sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    # the backward is the applied update's transpose too (its 16-bit factors made again, not kept from the forward)
+    expected_grad = grad.double() @ branch.applied_update(dtype)
+    assert (x.grad.double() - expected_grad).abs().max() <= 4 * torch.finfo(dtype).eps * expected_grad.abs().max()
     exact = branch(x.detach())  # outside autocast: float32, the exact path
     assert (exact.double() - x.detach().double() @ branch.applied_update().T).abs().max() <= 1e-5 * exact.abs().max()
 
