@@ -82,8 +82,9 @@ def split_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype
 
 class _SplitProducts(torch.autograd.Function):
     """The split branch's two products (float32 out). The 16-bit factors are made in the forward and again in the
-    backward, never saved: kept for every layer until the backward they would add three quarters of the finished tasks' float32
-    size to the training peak (1.9 GB for LLaVA-1.5-7B after eight tasks); making them is elementwise work."""
+    backward, never saved: kept for every layer until the backward they would add three quarters of the finished
+    tasks' float32 size to the training peak (1.9 GB for LLaVA-1.5-7B after eight tasks); making them is elementwise
+    work."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
