@@ -33,6 +33,7 @@ from torch import nn
 from .continual.checkpoint import atomic_directory, with_default_mode
 from .continual.run_dir import ADAPTER_FILES, RUN_FILE
 from .merged_checkpoint import layer_updates, write_merged_checkpoint
+from .tuner.autocast import full_precision
 from .tuner.heads import save_task_heads
 from .tuner.model import KeepLoRAModel, keeplora_layers, tuner_of
 
@@ -42,6 +43,7 @@ SERVING_README = "README.md"
 MERGED_BASE_DIR = "base_model"
 
 
+@full_precision
 def export_lora(
     model: nn.Module,
     path: str | os.PathLike,

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .autocast import autocast_dtype, full_precision
+
 #: dtype of finished tasks' A and B, and of the frozen branch that applies them
 TASK_DTYPE = torch.float32
 
@@ -20,6 +22,7 @@ class FinishedTask:
     lora_B: torch.Tensor
     scaling: float
 
+    @full_precision
     def delta(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)
 
@@ -102,8 +105,3 @@ class _SplitProducts(torch.autograd.Function):
         halves, lora_B16 = split_factors(lora_A, lora_B, ctx.dtype)
         inner = grad.to(ctx.dtype) @ lora_B16  # the same gradient flows into both halves' products
         return F.linear(torch.cat([inner, inner], dim=-1), halves.T).to(ctx.x_dtype), None, None, None
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast computes in on `device_type`, or None where it is off."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None

@@ -23,6 +23,7 @@ from ..subspace import (
 )
 from ..subspace.basis import EXACT_DTYPES, WORK_DTYPE
 from ..subspace.sketch import SketchMatrices
+from .autocast import full_precision
 from .config import KeepLoRAConfig, state_torch_dtype
 from .context import TaskContext, task_context
 from .feature_memory import feature_covariances
@@ -58,6 +59,7 @@ from .weights import base_weight, is_quantized, merges_exactly, weight_fingerpri
 logger = logging.getLogger(__name__)
 
 
+@full_precision
 def protected_basis(model: nn.Module, module_name: str) -> torch.Tensor:
     """The orthonormal `(d_in, k)` basis the current task's updates of `module_name` must avoid.
 
@@ -78,6 +80,7 @@ def protected_basis(model: nn.Module, module_name: str) -> torch.Tensor:
     return from_owner(basis, shape, dtype, device, ctx.owners[module_name])
 
 
+@full_precision
 def learned_update(model: nn.Module, module_name: str) -> torch.Tensor:
     """The float32 update `sum_t s_t B_t A_t` (`d_out x d_in`) of the finished tasks of `module_name`.
 
@@ -98,6 +101,7 @@ def _target(ctx: TaskContext, name: str) -> str:
     return name
 
 
+@full_precision
 def begin_task(
     model: nn.Module, dataloader: Iterable[Any], *, max_batches: int | None = None, loss_fn: LossFn = default_loss
 ) -> None:
@@ -306,6 +310,7 @@ def _initial_rows(
     return protected.project_out(rows)
 
 
+@full_precision
 def end_task(
     model: nn.Module, dataloader: Iterable[Any], *, max_batches: int | None = None, loss_fn: LossFn = default_loss
 ) -> None:

@@ -7,11 +7,13 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..sharding import assign_, full_value, is_partitioned, local_value
+from .autocast import full_precision
 from .layer import layer_state
 from .model import LAYER_CACHE_ATTR, keeplora_layers, tuner_of
 from .state_sharding import from_owner, owns, state_owners
 
 
+@full_precision
 def project_lora_A_(model: nn.Module) -> None:
     """Put every trainable `A` back into its residual subspace: `A <- A (I - P P^T)`.
 

@@ -4,10 +4,12 @@ subspace as the float32 branch does (docs/precision.md)."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
-from keeplora_hf import begin_task, end_task, learned_update, protected_basis
+from keeplora_hf import begin_task, end_task, learned_update, project_lora_A_, protected_basis
 from keeplora_hf.tuner.finished import FrozenBranch
 from keeplora_hf.tuner.layer import layer_state
 
@@ -101,3 +103,35 @@ def test_a_bfloat16_model_under_autocast_applies_its_finished_tasks_through_the_
     assert torch.isfinite(loss)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
     assert outputs(model, batches[0]).dtype == dtype
+
+
+def test_the_lifecycle_called_inside_autocast_computes_as_outside_it(device):
+    """A custom loop may call begin_task, end_task, project_lora_A_, learned_update and protected_basis inside its
+    16-bit autocast region: they compute bit for bit as outside it (16-bit products would tilt A and the merged
+    updates about 1e-3 into the protected subspace)."""
+    device_type = torch.device(device).type
+    runs = []
+    for inside in (False, True):
+        region = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if inside else nullcontext
+        model, batches, _ = wrap("llava", device=device, train_lora_A=True)  # float32: finished tasks merge
+        seen: dict[str, torch.Tensor] = {}
+        for t, picks in enumerate(((0, 1), (1, 2))):
+            task = [batches[i] for i in picks]
+            with region():
+                begin_task(model, task)
+            layers = targets(model)
+            seen |= {f"{t} A at begin {n}": m.lora_A["default"].weight.detach().clone() for n, m in layers.items()}
+            learn(model, task)  # outside autocast in both runs
+            with region():
+                project_lora_A_(model)
+            seen |= {f"{t} A projected {n}": m.lora_A["default"].weight.detach().clone() for n, m in layers.items()}
+            with region():
+                end_task(model, task)
+                seen |= {f"{t} update {n}": learned_update(model, n) for n in layers}
+                seen |= {f"{t} basis {n}": protected_basis(model, n) for n in layers}
+            seen |= {f"{t} weight {n}": m.get_base_layer().weight.detach().clone() for n, m in layers.items()}
+        runs.append(seen)
+    outside, inside = runs
+    assert outside.keys() == inside.keys()
+    differing = [key for key in outside if not torch.equal(outside[key], inside[key])]
+    assert not differing, differing[:5]
