@@ -57,10 +57,10 @@ class FrozenBranch:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         dtype = autocast_dtype(x.device.type)
-        with torch.autocast(x.device.type, enabled=False):
-            if dtype is None:
-                out = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
-            else:
+        if dtype is None:
+            out = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        else:
+            with torch.autocast(x.device.type, enabled=False):
                 out = _SplitProducts.apply(x, self.lora_A, self.lora_B, dtype)
         return out if self.scaling is None else out.mul_(self.scaling)  # in place: not saved for backward
 
