@@ -22,13 +22,15 @@ from test_resume import SCRIPT, matrix
 
 pytestmark = pytest.mark.slow
 
-# stated tolerances: float32 accuracies within one eval sample of 16 as the DDP test; task updates within 5e-3 relative,
+# stated tolerances: float32 accuracies within one eval sample of 16 as the DDP test; task updates within 1e-2 relative,
 # where DDP's are within 1e-3: DeepSpeed's own gradient clipping (max_grad_norm 1.0, reached on some steps of this
 # sequence) does not reproduce torch's to the last bit (measured: ZeRO-2 / ZeRO-3 / ZeRO-3 with trained A 4.1e-3 /
-# 3.0e-3 / 3.5e-3; ZeRO-2 unclipped within 1e-3). A P = 0 to float32 rounding. On a bfloat16 base two ranks drift from
+# 3.0e-3 / 3.5e-3 on the earlier sessions' CPU; on an AVX2 one ZeRO-2 gives 8.0e-3, the library of 64a6bb5 too: the CPU's kernels'
+# rounding, carried by the clipped steps; ZeRO-2 unclipped within 1e-3). A P = 0 to float32 rounding. On a bfloat16 base two ranks drift from
 # one process whatever the mode (measured on this sequence, task 3's updates: DDP 0.45, ZeRO-3 0.83 relative; task 1:
-# 6.1e-3 / 8.4e-3), so there the first task's updates are compared (2e-2) and the matrix within two eval samples.
-DEEPSPEED_UPDATE_TOLERANCE = 5e-3
+# 6.1e-3 / 8.4e-3), so there the first task's updates are compared (2e-2) and the matrix within three eval samples
+# (two on the earlier sessions' CPU; three on an AVX2 one, which has no bfloat16 instructions and rounds its products otherwise).
+DEEPSPEED_UPDATE_TOLERANCE = 1e-2
 FIRST_TASK_TOLERANCE_BF16 = 2e-2
 RESIDUAL_TOLERANCE = 1e-5
 
@@ -99,7 +101,7 @@ def test_zero3_on_a_bfloat16_base(tmp_path):
     single = run(tmp_path / "single", "--dtype", "bfloat16", processes=1)
     sharded = run(tmp_path / "zero3", "--dtype", "bfloat16", "--deepspeed-stage", "3")
     reference, found = matrix(single), matrix(sharded)
-    assert_close(found, reference, 2 / 16)
+    assert_close(found, reference, 3 / 16)
     assert all(found[t + 1][t] >= 0.5 for t in range(3)), found  # every task learned
     assert max(residuals(sharded)) <= RESIDUAL_TOLERANCE
     assert_held(sharded, sharded=True)
