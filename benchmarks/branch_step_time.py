@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from keeplora_hf.tuner.finished import FinishedTask
+from keeplora_hf.tuner.finished import FinishedTask, split_factors
 from keeplora_hf.tuner.layer import layer_state
 from keeplora_hf.tuner.lifecycle import _merges
 from measure import configure_threads, interleaved, ratio_summary, summary, write_result
@@ -98,7 +98,7 @@ def layer_options(rank: int, rounds: int, tasks: int = 8, d_in: int = 512, d_out
     b = torch.randn(d_out, tasks * rank, generator=g) * 1e-2
     scale = 0.25
     a16, b16 = a.to(bf16), b.to(bf16)
-    halves = torch.cat([a16, (a - a16.float()).to(bf16)])  # A_hi over A_lo
+    halves = split_factors(a, b, bf16)[0]  # A_hi over A_lo, as the library's branch under autocast
     rank = a.shape[0]
     x = torch.randn(tokens, d_in, generator=g).to(bf16).requires_grad_(True)
     merged_weight = (weight.float() + scale * b @ a).to(bf16)

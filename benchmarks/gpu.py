@@ -334,8 +334,8 @@ def step_after_finished_tasks(
             times: dict[str, list[float]] = {name: [] for name in models}
             for i in range(steps + 1):
                 for name in (list(models) if i % 2 else list(models)[::-1]):
-                    step = lambda: autocast_step(models[name], data[i % len(data)], optimizers[name],  # noqa: E731
-                                                 mode == "bf16 autocast")
+                    step = lambda: train_step(models[name], data[i % len(data)], optimizers[name],  # noqa: E731
+                                              autocast=mode == "bf16 autocast")
                     seconds = dev.measure(step)[1]["seconds"]
                     if i:
                         times[name].append(seconds)
@@ -344,17 +344,6 @@ def step_after_finished_tasks(
             log(f"step after {count} finished tasks, {mode}: {out[count][mode]['seconds']['median'] * 1e3:.1f} ms, "
                 f"{out[count][mode]['over_lora']['median']:.3f} x PEFT LoRA's")
     return out
-
-
-def autocast_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, autocast: bool) -> float:
-    """A training step, its forward under bfloat16 autocast or not (the backward outside it, as the Trainer does)."""
-    model.train()
-    with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
 
 
 def _spread(values: list[float | None]) -> dict[str, float] | None:

@@ -47,9 +47,11 @@ def optimizer_for(model: torch.nn.Module, *, keeplora_trains_A: bool = False) ->
     return optimizer
 
 
-def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> float:
+def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, *, autocast: bool = False) -> float:
+    """One optimizer step; `autocast`: the forward under bfloat16 autocast (the backward outside it, as the Trainer)."""
     model.train()
-    loss = model(**batch).loss
+    with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**batch).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
