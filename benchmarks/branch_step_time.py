@@ -3,13 +3,16 @@
 Two parts, each interleaved in one process (see measure.py):
 
 - `model`: a training step of PEFT LoRA and of KeepLoRA++ with the default config (`finished_tasks="auto"`: merged into a
-  float32 weight, a frozen float32 branch on a bfloat16 one) after 0, 1, 4 and 8 finished tasks, on `llava-7bp-bf16`
-  (bfloat16) and `llava-100m` (float32); the finished tasks are random rank-r updates installed as `end_task` leaves
+  float32 weight, a frozen branch on a bfloat16 one) after 0, 1, 4 and 8 finished tasks, on `llava-7bp-bf16`
+  (bfloat16; without autocast, the branch in float32, and under bfloat16 autocast, the recipes' setting, the split
+  branch) and `llava-100m` (float32); the finished tasks are random rank-r updates installed as `end_task` leaves
   them, so the step measures their cost alone.
 - `layer`: forward + backward of one bfloat16 layer (d_in 512, d_out 1408, 320 tokens) with 8 finished tasks applied
   each way considered: merged into the weight (no branch: the floor), the float32 branch added to a float32 copy of
-  the base output (before), the float32 branch taking the base output in place (now), bfloat16 operands with the
-  sum in bfloat16, and bfloat16 operands with `A` split as `A_hi + A_lo` (two bfloat16 halves, the sum in float32).
+  the base output (before), the float32 branch taking the base output in place (outside autocast, now), bfloat16
+  operands with the sum in bfloat16, bfloat16 operands with `A` split as `A_hi + A_lo` (two bfloat16 halves, the sum
+  in float32) added to a float32 copy of the output, and the same split accumulated into the bfloat16 base output by
+  one `addmm` (the library's `FrozenBranch` under a 16-bit autocast, now).
   `leak` is the share of the applied update inside the protected subspace the tasks' `A` avoid
   (`||Delta P|| / ||Delta||`; the guarantee's bound is 1e-4).
 
@@ -26,7 +29,7 @@ import warnings
 
 import torch
 
-from keeplora_hf.tuner.finished import FinishedTask, split_factors
+from keeplora_hf.tuner.finished import FinishedTask, FrozenBranch, split_factors
 from keeplora_hf.tuner.layer import layer_state
 from keeplora_hf.tuner.lifecycle import _merges
 from measure import configure_threads, interleaved, ratio_summary, summary, write_result
@@ -69,7 +72,7 @@ def install_finished_tasks(model: torch.nn.Module, count: int, rank: int, seed: 
             state.merge_into_base_(module)
 
 
-def model_steps(model_name: str, rank: int, rounds: int) -> dict:
+def model_steps(model_name: str, rank: int, rounds: int, autocast: bool = False) -> dict:
     plain, bench = lora(model_name, rank=rank)
     data = batches(bench, 2)
     models, optimizers = {"lora": plain}, {"lora": optimizer_for(plain)}
@@ -79,10 +82,12 @@ def model_steps(model_name: str, rank: int, rounds: int) -> dict:
             model = ready_keeplora(model_name, data[:1], r=rank)
         install_finished_tasks(model, count, rank, seed=count)
         models[f"keeplora_{count}_tasks"], optimizers[f"keeplora_{count}_tasks"] = model, optimizer_for(model)
-    times = interleaved({k: (lambda k=k: train_step(models[k], data[1], optimizers[k])) for k in models}, rounds)
+    steps = {k: (lambda k=k: train_step(models[k], data[1], optimizers[k], autocast=autocast)) for k in models}
+    times = interleaved(steps, rounds)
     return {
         "model": bench.description,
         "rank": rank,
+        "autocast": "bfloat16" if autocast else None,
         "seconds_per_step": {k: summary(v) for k, v in times.items()},
         "ratio_over_lora": {k: ratio_summary(v, times["lora"]) for k, v in times.items() if k != "lora"},
     }
@@ -123,11 +128,18 @@ def layer_options(rank: int, rounds: int, tasks: int = 8, d_in: int = 512, d_out
         branch = torch.nn.functional.linear(both[:, :rank] + both[:, rank:], b16).float().mul_(scale)
         return branch.add_(out).to(bf16)
 
+    library = FrozenBranch(a, b, [rank], [scale])
+
+    def bf16_split_a_fused() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=bf16):
+            return library(x, torch.nn.functional.linear(x, weight))
+
     def merged() -> torch.Tensor:
         return torch.nn.functional.linear(x, merged_weight)
 
     options = {"merged": merged, "float32_copy_before": before, "float32_in_place_now": now,
-               "bf16_operands": bf16_operands, "bf16_split_A": bf16_split_a}
+               "bf16_operands": bf16_operands, "bf16_split_A": bf16_split_a,
+               "bf16_split_A_fused_now": bf16_split_a_fused}
     grad = torch.randn(tokens, d_out, generator=g).to(bf16)
 
     def step(fn):
@@ -140,6 +152,7 @@ def layer_options(rank: int, rounds: int, tasks: int = 8, d_in: int = 512, d_out
     delta16 = scale * b16.double() @ a16.double()
     split = scale * b16.double() @ (halves[:rank].double() + halves[rank:].double())
     delta = scale * b.double() @ a.double()
+    fused = library.applied_update(bf16)
     p = protected.double()
     with torch.no_grad():
         gap_now_before = float((now() - before()).abs().max())
@@ -151,6 +164,7 @@ def layer_options(rank: int, rounds: int, tasks: int = 8, d_in: int = 512, d_out
             "float32": float((delta @ p).norm() / delta.norm()),
             "bf16_operands": float((delta16 @ p).norm() / delta16.norm()),
             "bf16_split_A": float((split @ p).norm() / split.norm()),
+            "bf16_split_A_fused_now": float((fused @ p).norm() / fused.norm()),
         },
         "max_output_gap_now_vs_before": gap_now_before,
     }
@@ -161,6 +175,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--models", nargs="+", default=["llava-7bp-bf16", "llava-100m"])
+    parser.add_argument("--autocast-models", nargs="*", default=["llava-7bp-bf16"],
+                        help="models measured again under bfloat16 autocast")
     parser.add_argument("--cost-only", action="store_true", help="only the multiply-add shares at LLaVA-1.5-7B shapes")
     args = parser.parse_args()
     if args.cost_only:
@@ -171,6 +187,7 @@ def main() -> None:
         "branch_macs_llava_1.5_7b": branch_macs(),
         "layer": layer_options(args.rank, args.rounds),
         "model": {name: model_steps(name, args.rank, args.rounds) for name in args.models},
+        "model_bf16_autocast": {name: model_steps(name, args.rank, args.rounds, True) for name in args.autocast_models},
     }
     print(write_result("branch_step_time", result))
 

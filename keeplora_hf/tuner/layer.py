@@ -13,7 +13,6 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .finished import TASK_DTYPE
 from .state import KeepLoRALayerState
 
 STATE_ATTR = "keeplora_state"
@@ -61,11 +60,11 @@ def has_layer_state(module: nn.Module, adapter_name: str) -> bool:
 
 
 # The frozen branch of unmerged finished tasks is added where LoRA's own branch is: to the base layer's output, in
-# float32, with the sum rounded once to the output dtype. Three hooks do it without replacing PEFT's layer classes (so
-# every LoRA layer type works, 4-bit included): the target's pre-hook tells its base layer which states to apply, to
-# which rows (none with the adapter disabled: the pre-trained layer; in a mixed-adapter batch each row's own adapter),
-# the base layer's hook returns `base(x) + branch(x)` in float32 and notes its own dtype, and the target's hook rounds
-# the total (base + LoRA + branch) back to that dtype.
+# float32 with the sum rounded once to the output dtype (under a 16-bit autocast: in that dtype, as LoRA's). Three
+# hooks do it without replacing PEFT's layer classes (so every LoRA layer type works, 4-bit included): the target's
+# pre-hook tells its base layer which states to apply, to which rows (none with the adapter disabled: the pre-trained
+# layer; in a mixed-adapter batch each row's own adapter), the base layer's hook returns `base(x) + branch(x)` and notes
+# its own dtype, and the target's hook rounds the total (base + LoRA + branch) back to that dtype.
 #: the branch calls under way, by base layer: set (or cleared) by a target's pre-hook, read by its base layer's hook,
 #: removed by its closing hook; `abandon_branch_calls` drops those of a forward stopped on purpose
 _BRANCH_CALLS: ContextVar[dict[int, dict] | None] = ContextVar("keeplora_branch_calls", default=None)
@@ -138,19 +137,23 @@ def _add_branch(base: nn.Module, args: tuple, output: torch.Tensor) -> torch.Ten
         return output
     call["dtype"] = output.dtype
     groups = call["groups"]
-    if groups[0][0] is None:  # every row: the branch's own tensor takes the base output (no copy of the output)
-        return _summed_branch(groups[0][1], args[0]).add_(output)
-    total = output.to(TASK_DTYPE)
+    if groups[0][0] is None:  # every row
+        return _with_branches(groups[0][1], args[0], output)
+    total = None
     for rows, states in groups:  # a mixed-adapter batch: each group of rows gets its own adapter's branch
         index = torch.tensor(rows, device=output.device)
-        total = total.index_add(0, index, _summed_branch(states, args[0][index]))
+        summed = _with_branches(states, args[0][index], output[index])
+        total = output.to(summed.dtype) if total is None else total
+        total = total.index_copy(0, index, summed)
     return total
 
 
-def _summed_branch(states: list[KeepLoRALayerState], x: torch.Tensor) -> torch.Tensor:
-    """The states' float32 branches on `x`, summed in a fresh tensor (see `FrozenBranch`)."""
-    branches = [state.branch(x) for state in states]
-    return branches[0] if len(branches) == 1 else sum(branches)
+def _with_branches(states: list[KeepLoRALayerState], x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """`output` plus the states' branches on `x` (see `FrozenBranch`: float32 outside autocast, `output`'s dtype under
+    a 16-bit autocast); the target's closing hook rounds the total to the base layer's dtype."""
+    for state in states:
+        output = state.add_branch(x, output)
+    return output
 
 
 def _close_branch(module: LoraLayer, args: tuple, output: torch.Tensor) -> torch.Tensor:  # noqa: ARG001

@@ -158,15 +158,15 @@ class KeepLoRALayerState(nn.Module):
         self.merged_tasks = len(self._task_ranks)
         self._branch = None
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor | None:
-        """`sum_t s_t B_t A_t x` over the unmerged tasks (`FrozenBranch`; None when every task is merged)."""
+    def add_branch(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """`output + sum_t s_t B_t A_t x` over the unmerged tasks (`FrozenBranch`); `output` when every task is merged."""
         if not self.branched_tasks:
-            return None
+            return output
         if self._branch is None:
             start = sum(self._task_ranks[: self.merged_tasks])
             ranks, scalings = self._task_ranks[self.merged_tasks :], self._task_scalings[self.merged_tasks :]
             self._branch = FrozenBranch(self.finished_A[start:], self.finished_B[:, start:], ranks, scalings)
-        return self._branch(x)
+        return self._branch(x, output)
 
     # -- held here, or by another rank ----------------------------------------------------------------------
 

@@ -45,22 +45,31 @@ def test_the_split_branch_keeps_finished_updates_out_of_the_protected_subspace(d
 
 
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
-def test_under_autocast_the_branch_computes_its_applied_update_in_float32(device, dtype):
+def test_under_autocast_the_branch_adds_its_applied_update_to_the_output_in_its_dtype(device, dtype):
     branch, _ = _branch(device)
-    x = torch.randn(32, branch.lora_A.shape[1], device=device).to(dtype).requires_grad_(True)
+    d_out, d_in = branch.lora_B.shape[0], branch.lora_A.shape[1]
+    x = torch.randn(2, 16, d_in, device=device).to(dtype).requires_grad_(True)
+    weight = torch.randn(d_out, d_in, device=device).to(dtype)
+    eps = torch.finfo(dtype).eps
     with torch.autocast(torch.device(device).type, dtype=dtype):
-        out = branch(x)
-    assert out.dtype == torch.float32
-    expected = x.detach().double() @ branch.applied_update(dtype).T
-    # two roundings to the 16-bit dtype on the way (the halves' products, the output of B), none of the update
-    assert (out.double() - expected).abs().max() <= 4 * torch.finfo(dtype).eps * expected.abs().max()
+        base = torch.nn.functional.linear(x, weight).detach().requires_grad_(True)
+        out = branch(x, base)
+    assert out.dtype == dtype and out.shape == base.shape
+    added = x.detach().double() @ branch.applied_update(dtype).T
+    # two roundings on the way (the halves' products, the inner sum's), one of the total; none of the update
+    bound = 4 * eps * added.abs().max() + eps * out.double().abs().max()
+    assert (out.double() - (base.detach().double() + added)).abs().max() <= bound
     grad = torch.randn_like(out)
     out.backward(grad)
-    # the backward is the applied update's transpose too (its 16-bit factors made again, not kept from the forward)
-    expected_grad = grad.double() @ branch.applied_update(dtype)
-    assert (x.grad.double() - expected_grad).abs().max() <= 4 * torch.finfo(dtype).eps * expected_grad.abs().max()
-    exact = branch(x.detach())  # outside autocast: float32, the exact path
-    assert (exact.double() - x.detach().double() @ branch.applied_update().T).abs().max() <= 1e-5 * exact.abs().max()
+    assert torch.equal(base.grad, grad)  # the base output's gradient passes through untouched
+    # the backward takes A_hi alone (a 16-bit gradient, as the base layer's and LoRA's): within a 16-bit rounding of
+    # the applied update's transpose
+    expected = grad.double() @ branch.applied_update(dtype)
+    assert (x.grad.double() - expected).abs().max() <= 4 * eps * expected.abs().max()
+    exact = branch(x.detach(), base.detach())  # outside autocast: float32, the exact path
+    assert exact.dtype == torch.float32
+    expected_exact = base.detach().double() + x.detach().double() @ branch.applied_update().T
+    assert (exact.double() - expected_exact).abs().max() <= 1e-5 * expected_exact.abs().max()
 
 
 def test_a_bfloat16_model_under_autocast_applies_its_finished_tasks_through_the_split_branch(device):
