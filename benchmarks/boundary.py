@@ -36,7 +36,7 @@ PHASES = {
     "weight_gradient_pass": "gradient pass",
     "residual_directions": "A from the gradient (exact SVD)",
     "input_feature_pass": "feature pass",
-    "memory_directions": "memory update",
+    "grow_memory": "memory update",
 }
 
 

@@ -20,6 +20,9 @@ Two parts, each interleaved in one process (see measure.py):
   (r = 32), float32 and split under autocast: arithmetic, not a timing (`--cost-only` prints it alone).
 
     python benchmarks/branch_step_time.py [--rounds 7] [--rank 16] [--cost-only]
+
+At width 512, r = 16 makes eight tasks' stacked rank a quarter of the layer's width; `--rank 4` gives the share that
+LLaVA-1.5-7B's r = 32 has at width 4096 (`results/branch_step_time_r4.json`).
 """
 
 from __future__ import annotations
@@ -189,7 +192,7 @@ def main() -> None:
         "model": {name: model_steps(name, args.rank, args.rounds) for name in args.models},
         "model_bf16_autocast": {name: model_steps(name, args.rank, args.rounds, True) for name in args.autocast_models},
     }
-    print(write_result("branch_step_time", result))
+    print(write_result("branch_step_time" if args.rank == 16 else f"branch_step_time_r{args.rank}", result))
 
 
 if __name__ == "__main__":

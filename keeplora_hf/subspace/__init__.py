@@ -1,7 +1,7 @@
 """Linear algebra of KeepLoRA++, free of transformers and peft: bases are `(d_in, k)` with orthonormal columns."""
 
 from .basis import Subspace, orthogonal_complement, orthonormalize
-from .memory import MEMORY_SOLVERS, FeatureStatistics, extend_memory, memory_directions
+from .memory import MEMORY_SOLVERS, FeatureStatistics, MemoryGrowth, extend_memory, grow_memory, memory_directions
 from .position_mean import PositionMeanStatistics
 from .principal import (
     PRINCIPAL_SIDES,
@@ -22,11 +22,13 @@ __all__ = [
     "PRINCIPAL_SOLVERS",
     "FeatureStatistics",
     "GradientSketch",
+    "MemoryGrowth",
     "PositionMeanStatistics",
     "Subspace",
     "complete_rows",
     "energy_rank",
     "extend_memory",
+    "grow_memory",
     "memory_directions",
     "orthogonal_complement",
     "orthonormalize",

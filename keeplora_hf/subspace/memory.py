@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
-from .basis import Subspace, orthonormalize
+from .basis import Subspace, orthogonal_complement, orthonormalize
 from .principal import COMPUTE_DTYPE, energy_rank
 
 MEMORY_SOLVERS = ("randomized", "eigh")
@@ -73,10 +74,28 @@ def extend_memory(
     return torch.cat([memory.to(COMPUTE_DTYPE), new.to(COMPUTE_DTYPE)], dim=1)
 
 
+class MemoryGrowth(NamedTuple):
+    """New memory directions (`d_in x m`) and, where the solve yields it for free, an orthonormal basis of what stays
+    unprotected after them (`remaining`, `d_in x (room - m)`): the eigenvectors of the residual covariance in the
+    coordinates of a residual basis split that basis into the two, so a state stored by its complement takes
+    `remaining` as its new complement instead of deriving it from the directions (a float64 QR and product)."""
+
+    directions: torch.Tensor
+    remaining: torch.Tensor | None = None
+
+
 def memory_directions(
     covariance: torch.Tensor, protected: Subspace, energy: float, *, solver: str = "eigh", seed: int = 0
 ) -> torch.Tensor:
-    """New orthonormal memory directions (`d_in x m`, orthogonal to `protected`) by the GPM criterion.
+    """New orthonormal memory directions (`d_in x m`, orthogonal to `protected`) by the GPM criterion (`grow_memory`)."""
+    return grow_memory(covariance, protected, energy, solver=solver, seed=seed).directions
+
+
+def grow_memory(
+    covariance: torch.Tensor, protected: Subspace, energy: float, *, solver: str = "eigh", seed: int = 0
+) -> MemoryGrowth:
+    """New orthonormal memory directions (`d_in x m`, orthogonal to `protected`) by the GPM criterion, with what stays
+    unprotected where the solve gives it (`MemoryGrowth`).
 
     With `C` the task's feature covariance and `C'` its restriction to the residual subspace (the complement of
     `protected`), directions of `C'` are taken strongest first until `protected` plus them explains `energy` of
@@ -95,7 +114,11 @@ def memory_directions(
     `C' = (I - Q Q^T) C (I - Q Q^T)` to its blocks without forming it, and `trace(C') = trace(C) - trace(Q^T C Q)`:
     `O(d_in^2 k)` instead of the `O(d_in^3)` of a complement basis and `R^T C R`. Otherwise (and for `eigh`) the
     residual covariance is formed in the coordinates of an orthonormal basis `R` of the residual subspace, an
-    eigenproblem of size `d_in - k`.
+    eigenproblem of size `d_in - k`. Where `protected` is stored by that complement `R` itself, the new directions
+    `R V` (`V` orthonormal coordinates: eigenvectors or Ritz vectors) are returned as the solver leaves them,
+    orthonormal and orthogonal to `protected` to its precision, with `remaining = R V_rest` (`V_rest` the rest of the
+    eigenvectors, or the complement of the Ritz vectors): a state stored that way keeps only `remaining`. Otherwise the
+    directions are projected and re-orthonormalised once more, as they are appended to a stored basis.
     """
     if solver not in MEMORY_SOLVERS:
         raise ValueError(f"solver must be one of {MEMORY_SOLVERS}, got {solver!r}")
@@ -105,12 +128,12 @@ def memory_directions(
     room = d_in - protected.span
     total = torch.trace(covariance)
     if total <= 0 or room <= 0 or energy <= 0:
-        return empty
+        return MemoryGrowth(empty)
     if solver == "randomized" and not protected.complement:
         basis = protected.stored.to(dtype=dtype, device=covariance.device)
         needed = _energy_needed(total, total - torch.trace(basis.T @ covariance @ basis), energy)
         if needed is None:
-            return empty
+            return MemoryGrowth(empty)
 
         def residual(block: torch.Tensor) -> torch.Tensor:  # columns without their component in the protected subspace
             return protected.project_out(block.T).T
@@ -119,7 +142,7 @@ def memory_directions(
             lambda block: residual(covariance @ residual(block)), room, float(needed), seed, ambient=d_in, like=covariance
         )
         if vectors is not None:
-            return orthonormalize(residual(vectors))
+            return MemoryGrowth(orthonormalize(residual(vectors)))
         solver = "eigh"  # a flat spectrum: the full eigendecomposition below, without a second randomized attempt
     # C' = R^T C R in the coordinates of an orthonormal basis R of the residual: an eigenproblem of size d_in - k
     coords = protected.complement_basis().to(dtype=dtype, device=covariance.device)
@@ -127,17 +150,25 @@ def memory_directions(
     residual_cov = (residual_cov + residual_cov.T) / 2
     needed = _energy_needed(total, torch.trace(residual_cov), energy)
     if needed is None:
-        return empty
+        return MemoryGrowth(empty)
     vectors = None
     if solver == "randomized":
         vectors = _ritz_until(residual_cov.__matmul__, room, float(needed), seed, ambient=room, like=residual_cov)
     if vectors is None:
         values, vectors = torch.linalg.eigh(residual_cov)
-        values = values.flip(0).clamp_min(0)[:room]
-        vectors = vectors.flip(1)[:, :room]
+        values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
         count = energy_rank(values, float(min(needed / values.sum().clamp_min(torch.finfo(dtype).tiny), 1.0)))
-        vectors = vectors[:, :count]
-    return orthonormalize(protected.project_out((coords @ vectors).T).T)
+        vectors, rest = vectors[:, :count], vectors[:, count:]
+    elif protected.complement:
+        rest = orthogonal_complement(vectors)  # Ritz vectors are orthonormal coordinates too
+    if not protected.complement:
+        return MemoryGrowth(_cleaned(coords @ vectors, protected))
+    return MemoryGrowth(coords @ vectors, coords @ rest)
+
+
+def _cleaned(directions: torch.Tensor, protected: Subspace) -> torch.Tensor:
+    """`directions` projected off `protected` and re-orthonormalised: exact for appending to a stored basis."""
+    return orthonormalize(protected.project_out(directions.T).T)
 
 
 def _energy_needed(total: torch.Tensor, available: torch.Tensor, energy: float) -> torch.Tensor | None:

@@ -16,8 +16,9 @@ from ..process_group import all_reduce_sum_
 from ..sharding import assign_, full_value, zero_
 from ..subspace import (
     GradientSketch,
+    MemoryGrowth,
     Subspace,
-    memory_directions,
+    grow_memory,
     principal_basis,
     residual_directions,
 )
@@ -330,24 +331,27 @@ def end_task(
     check_lora_A_in_residual(layers, adapter, ctx.owners, config.train_lora_A)
     for name, module in layers.items():
         check_unchanged(module, name, adapter, ctx.state(name))
-    # 1. the task's feature statistics, gathered before anything is merged, and the memory's new directions
-    new_directions: dict[str, torch.Tensor] = {}
+    # 1. the task's feature statistics, gathered before anything is merged, and the memory's growth: all of it before
+    # any layer changes, so a failure leaves the task open and every layer as it was
+    growth: dict[str, MemoryGrowth] = {}
     if config.feature_energy > 0:  # with no memory to keep (plain sequential LoRA), skip the data pass
         covariances = feature_covariances(model, dataloader, max_batches=max_batches, loss_fn=loss_fn, context=ctx)
         for index, name in enumerate(layers):
             if ctx.owns(name):
-                new_directions[name] = memory_directions(
+                grown = grow_memory(
                     covariances[name],
                     ctx.state(name).subspace(),
                     config.feature_energy,
                     solver=config.memory_solver,
                     seed=layer_seed(progress.task_index, index),
                 )
+                dtype = state_torch_dtype(config, layers[name])  # what stays unprotected is held as it will be stored
+                growth[name] = grown._replace(remaining=None if grown.remaining is None else grown.remaining.to(dtype))
     # 2. keep s B A (merged or as a frozen branch), grow the memory, reset LoRA
     for name, module in layers.items():
         dtype = state_torch_dtype(config, module)
         _finish_layer(
-            module, adapter, ctx.state(name), new_directions.get(name), dtype, config.keep_principal_basis,
+            module, adapter, ctx.state(name), growth.get(name), dtype, config.keep_principal_basis,
             merge=merge[name],
         )
     adopt_owners_layouts_(layers, adapter, ctx.owners)
@@ -373,7 +377,7 @@ def _finish_layer(
     module: LoraLayer,
     adapter: str,
     state: KeepLoRALayerState,
-    new_memory: torch.Tensor | None,
+    growth: MemoryGrowth | None,
     dtype: torch.dtype,
     keep_principal: bool,
     *,
@@ -388,7 +392,7 @@ def _finish_layer(
     state.add_task(task)
     if merge:
         state.merge_into_base_(module)
-    if new_memory is None:
+    if growth is None:
         state.cast_(dtype)
     else:
-        state.add_memory(new_memory, dtype, keep_principal=keep_principal)
+        state.add_memory(growth.directions, dtype, keep_principal=keep_principal, remaining=growth.remaining)

@@ -334,17 +334,22 @@ class KeepLoRALayerState(nn.Module):
 
     # -- how it changes ----------------------------------------------------------------------------------------
 
-    def add_memory(self, new: torch.Tensor, dtype: torch.dtype, *, keep_principal: bool = True) -> None:
+    def add_memory(
+        self, new: torch.Tensor, dtype: torch.dtype, *, keep_principal: bool = True, remaining: torch.Tensor | None = None
+    ) -> None:
         """Append orthonormal directions (`d_in x n`, orthogonal to what is protected) to the memory, in `dtype`.
 
         Switches to storing the complement once that is the narrower basis: of the memory (`keep_principal`), or of
         the whole protected subspace (the principal basis is then dropped, also by a state that kept it so far, and
-        recomputed when asked for).
+        recomputed when asked for). `remaining`: where the memory solve gave it (`MemoryGrowth`), the complement of the
+        protected subspace with `new` added, taken as the new complement of a state stored that way.
         """
         self._require_held()
         self._subspace = None
         if self.complement is not None:
-            if new.shape[1]:
+            if remaining is not None:
+                self.complement = remaining.to(dtype)
+            elif new.shape[1]:
                 residual = self.complement.to(torch.float64)
                 inside = residual.T @ new.to(residual.dtype)  # new directions in the complement's coordinates
                 self.complement = (residual @ orthogonal_complement(orthonormalize(inside))).to(dtype)

@@ -139,6 +139,25 @@ def test_end_task_blames_a_nan_lora_B_on_its_layer():
     assert model.base_model.progress("default").in_task
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_finite_check_finds_every_nan_and_inf_and_no_more(dtype):
+    """`all_finite` reads a sum first: a NaN/inf anywhere is caught, finite entries whose sum overflows are not blamed."""
+    from keeplora_hf.tuner.statistics import all_finite
+
+    base = torch.randn(64, 48, dtype=dtype)
+    assert all_finite(base) and all_finite(base[:0])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for row, column in ((0, 0), (63, 47), (17, 5)):
+            broken = base.clone()
+            broken[row, column] = bad
+            assert not all_finite(broken), (bad, row, column)
+    mixed = base.clone()
+    mixed[0, 0], mixed[1, 1] = float("inf"), float("-inf")  # their sum is NaN: still caught
+    assert not all_finite(mixed)
+    huge = torch.full((8, 8), torch.finfo(dtype).max / 2, dtype=dtype)  # finite entries, an overflowing sum
+    assert not torch.isfinite(huge.sum()) and all_finite(huge)
+
+
 # -- 2. the adapter's own weights are not finite --------------------------------------------------------------------
 
 

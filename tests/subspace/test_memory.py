@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from keeplora_hf.subspace import FeatureStatistics, Subspace, extend_memory, memory_directions
+from keeplora_hf.subspace import FeatureStatistics, Subspace, extend_memory, grow_memory, memory_directions, orthogonal_complement
 
 D = 6
 
@@ -99,6 +99,31 @@ def test_eigh_solver_is_extend_memory_in_either_storage():
     for protected in (Subspace(principal, complement=False), Subspace.of(principal)):
         new = memory_directions(covariance, protected, 0.95, solver="eigh")
         assert _span_equal(new, reference)
+
+
+@pytest.mark.parametrize(("solver", "decay"), [("eigh", 0.7), ("randomized", 1.0), ("randomized", 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_a_complement_stored_growth_gives_what_stays_unprotected(solver, decay, dtype):
+    """Protected subspace stored by its complement R: `remaining` is an orthonormal basis of R's span less the new
+    directions (what a state stored that way keeps instead of deriving it from them), for eigenvectors and for Ritz
+    vectors (a decaying spectrum; a flat one falls back to eigh)."""
+    d, k = 300, 160
+    x = _features(d, decay, 4)
+    covariance = (x.T @ x).to(dtype)
+    q = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(5), dtype=torch.float64))[0]
+    protected = Subspace.of(q.to(dtype))
+    assert protected.complement
+    growth = grow_memory(covariance, protected, 0.99, solver=solver, seed=1)
+    new, remaining = growth.directions.double(), growth.remaining.double()
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert new.shape[1] > 0 and new.shape[1] + remaining.shape[1] == d - k
+    both = torch.cat([new, remaining], dim=1)
+    assert (both.T @ both - torch.eye(d - k, dtype=torch.float64)).abs().max() < tolerance
+    assert (both.T @ q).abs().max() < tolerance
+    # the same subspace as the complement derived from the directions (what a state did before)
+    derived = orthogonal_complement(torch.cat([q, new], dim=1))
+    assert torch.allclose(remaining @ remaining.T, derived @ derived.T, atol=10 * tolerance)
+    assert torch.equal(growth.directions, memory_directions(covariance, protected, 0.99, solver=solver, seed=1))
 
 
 def test_float32_statistics_are_within_1e_6_of_float64():
