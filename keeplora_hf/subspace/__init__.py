@@ -1,7 +1,16 @@
 """Linear algebra of KeepLoRA++, free of transformers and peft: bases are `(d_in, k)` with orthonormal columns."""
 
 from .basis import Subspace, orthogonal_complement, orthonormalize
-from .memory import MEMORY_SOLVERS, FeatureStatistics, MemoryGrowth, extend_memory, grow_memory, memory_directions
+from .memory import (
+    MEMORY_SOLVERS,
+    FeatureStatistics,
+    MemoryGrowth,
+    ResidualCovariance,
+    ResidualStatistics,
+    extend_memory,
+    grow_memory,
+    memory_directions,
+)
 from .position_mean import PositionMeanStatistics
 from .principal import (
     PRINCIPAL_SIDES,
@@ -24,6 +33,8 @@ __all__ = [
     "GradientSketch",
     "MemoryGrowth",
     "PositionMeanStatistics",
+    "ResidualCovariance",
+    "ResidualStatistics",
     "Subspace",
     "complete_rows",
     "energy_rank",

@@ -59,6 +59,46 @@ class FeatureStatistics:
         self.covariance.add_(covariance.to(self._sum.dtype))
         self.count += count
 
+    @staticmethod
+    def multiply_adds_per_row(d_in: int) -> int:
+        return d_in * d_in if d_in < BLOCKED_FROM else d_in * d_in * 10 // 16
+
+
+class ResidualCovariance(NamedTuple):
+    """A feature statistic known only where it is needed: `R^T C R` in the coordinates of the complement basis `R` that
+    a protected subspace is stored by, and `trace(C)`; all the GPM criterion uses of `C` there (`grow_memory`)."""
+
+    matrix: torch.Tensor
+    total: torch.Tensor
+
+
+class ResidualStatistics:
+    """Streaming `R^T (sum x^T x) R` and `sum |x|^2` of a layer's input rows, for a protected subspace stored by its
+    complement `R` (`d_in x room`, `room < d_in / 2`): each batch costs `n (d_in room + room^2)` multiply-adds instead of
+    the `n d_in^2` of the whole second moment, and the memory solve skips forming `R^T C R` from it (`O(d_in^2 room)`)."""
+
+    def __init__(self, coords: torch.Tensor, dtype: torch.dtype = COMPUTE_DTYPE) -> None:
+        self.coords = coords.to(dtype)
+        self._sum = coords.new_zeros(coords.shape[1], coords.shape[1], dtype=dtype)
+        self._total = coords.new_zeros((), dtype=dtype)
+        self.count = 0
+
+    @property
+    def covariance(self) -> ResidualCovariance:
+        return ResidualCovariance(self._sum, self._total)
+
+    @staticmethod
+    def multiply_adds_per_row(d_in: int, room: int) -> int:
+        return d_in * room + room * room
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().reshape(-1, rows.shape[-1]).to(self._sum.dtype)
+        projected = rows @ self.coords
+        self._sum.addmm_(projected.T, projected)
+        flat = rows.reshape(-1)
+        self._total += flat @ flat
+        self.count += rows.shape[0]
+
 
 def extend_memory(
     memory: torch.Tensor, principal: torch.Tensor, covariance: torch.Tensor, energy: float
@@ -85,14 +125,14 @@ class MemoryGrowth(NamedTuple):
 
 
 def memory_directions(
-    covariance: torch.Tensor, protected: Subspace, energy: float, *, solver: str = "eigh", seed: int = 0
+    covariance: torch.Tensor | ResidualCovariance, protected: Subspace, energy: float, *, solver: str = "eigh", seed: int = 0
 ) -> torch.Tensor:
     """New orthonormal memory directions (`d_in x m`, orthogonal to `protected`) by the GPM criterion (`grow_memory`)."""
     return grow_memory(covariance, protected, energy, solver=solver, seed=seed).directions
 
 
 def grow_memory(
-    covariance: torch.Tensor, protected: Subspace, energy: float, *, solver: str = "eigh", seed: int = 0
+    covariance: torch.Tensor | ResidualCovariance, protected: Subspace, energy: float, *, solver: str = "eigh", seed: int = 0
 ) -> MemoryGrowth:
     """New orthonormal memory directions (`d_in x m`, orthogonal to `protected`) by the GPM criterion, with what stays
     unprotected where the solve gives it (`MemoryGrowth`).
@@ -119,17 +159,24 @@ def grow_memory(
     orthonormal and orthogonal to `protected` to its precision, with `remaining = R V_rest` (`V_rest` the rest of the
     eigenvectors, or the complement of the Ritz vectors): a state stored that way keeps only `remaining`. Otherwise the
     directions are projected and re-orthonormalised once more, as they are appended to a stored basis.
+    `covariance` may be that `R^T C R` already (`ResidualCovariance`, from `ResidualStatistics` over the same `R`).
     """
     if solver not in MEMORY_SOLVERS:
         raise ValueError(f"solver must be one of {MEMORY_SOLVERS}, got {solver!r}")
-    dtype = covariance.dtype
-    d_in = covariance.shape[0]
-    empty = covariance.new_zeros(d_in, 0)
+    known = isinstance(covariance, ResidualCovariance)
+    matrix = covariance.matrix if known else covariance
+    dtype, d_in = matrix.dtype, protected.ambient
+    empty = matrix.new_zeros(d_in, 0)
     room = d_in - protected.span
-    total = torch.trace(covariance)
+    total = covariance.total if known else torch.trace(covariance)
+    if known and not (protected.complement and matrix.shape == (room, room)):
+        raise ValueError(
+            f"a residual covariance of shape {tuple(matrix.shape)} needs the protected subspace stored by its "
+            f"{room}-column complement, the coordinates it was gathered in"
+        )
     if total <= 0 or room <= 0 or energy <= 0:
         return MemoryGrowth(empty)
-    if solver == "randomized" and not protected.complement:
+    if solver == "randomized" and not protected.complement:  # (never `known`: that needs the complement stored)
         basis = protected.stored.to(dtype=dtype, device=covariance.device)
         needed = _energy_needed(total, total - torch.trace(basis.T @ covariance @ basis), energy)
         if needed is None:
@@ -145,8 +192,8 @@ def grow_memory(
             return MemoryGrowth(orthonormalize(residual(vectors)))
         solver = "eigh"  # a flat spectrum: the full eigendecomposition below, without a second randomized attempt
     # C' = R^T C R in the coordinates of an orthonormal basis R of the residual: an eigenproblem of size d_in - k
-    coords = protected.complement_basis().to(dtype=dtype, device=covariance.device)
-    residual_cov = coords.T @ covariance @ coords
+    coords = protected.complement_basis().to(dtype=dtype, device=matrix.device)
+    residual_cov = matrix if known else coords.T @ covariance @ coords
     residual_cov = (residual_cov + residual_cov.T) / 2
     needed = _energy_needed(total, torch.trace(residual_cov), energy)
     if needed is None:

@@ -4,6 +4,7 @@ input activations, the task's mean weight gradient (through a co-range sketch), 
 from __future__ import annotations
 
 import warnings
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -12,7 +13,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..process_group import all_reduce_sum_
-from ..subspace import FeatureStatistics, GradientSketch
+from ..subspace import FeatureStatistics, GradientSketch, ResidualCovariance, ResidualStatistics
 from ..subspace.position_mean import PositionMeanStatistics
 from ..subspace.sketch import SketchMatrices
 from .config import KeepLoRAConfig
@@ -57,16 +58,25 @@ def feature_covariances(
         check_adapter_finite(layers, adapter, "end_task")
     batches = task_batches(dataloader, config.gradient_data_ratio, max_batches)
     if config.feature_source == "mean_gradient":
-        return _mean_gradient_covariances(network, layers, batches, config, task_index, loss_fn, dtype)
+        coords = _complements(ctx, layers) if config.memory_solver == "randomized" else {}
+        return _mean_gradient_covariances(network, layers, batches, config, task_index, loss_fn, dtype, coords)
     statistic = PositionMeanStatistics if config.activation_statistic == "position_mean" else FeatureStatistics
+    projected = (
+        _projected_inputs(ctx)
+        if statistic is FeatureStatistics and config.feature_source == "activations" and config.memory_solver == "randomized"
+        else {}
+    )
     stats = {
-        name: statistic(m.get_base_layer().in_features, m.get_base_layer().weight.device, dtype=dtype)
+        name: ResidualStatistics(projected[name], dtype) if name in projected
+        else statistic(m.get_base_layer().in_features, m.get_base_layer().weight.device, dtype=dtype)
         for name, m in layers.items()
     }
     if config.feature_source == "activations":
         count, shared = input_feature_pass(
-            network, layers, batches, loss_fn, lambda name, x: stats[name].update(x), description="KeepLoRA feature memory"
+            network, layers, batches, loss_fn, lambda name, x: stats[name].update(x),
+            description="KeepLoRA feature memory", own_rows=frozenset(projected),
         )
+        ctx.tuner.keeplora_input_owners.update({name: shared.get(name, name) for name in layers if name not in projected})
     else:
         count = weight_gradient_pass(
             network,
@@ -82,15 +92,55 @@ def feature_covariances(
     sources = {name: shared.get(name, name) for name in layers}
     for name, source in sources.items():  # in module order: every rank must reduce the same tensors in the same order
         if source == name:
-            check_finite(_summed_covariance(stats[name]), name, "feature covariance")
+            _check_finite(_summed_covariance(stats[name]), name)
     return {name: stats[source].covariance for name, source in sources.items()}
 
 
-def _summed_covariance(statistic: FeatureStatistics | PositionMeanStatistics) -> torch.Tensor:
-    """The statistic summed across data-parallel ranks: the second moment itself, or the position-aligned sums (and
-    batch counts) that the mean's `M^T M` is formed from."""
+def _complements(ctx: TaskContext, layers: Mapping[str, LoraLayer]) -> dict[str, torch.Tensor]:
+    """The complement basis `R` of each held target whose protected subspace is stored by it."""
+    out = {}
+    for name in layers:
+        if ctx.owns(name) and (subspace := ctx.state(name).subspace()).complement:
+            out[name] = subspace.stored
+    return out
+
+
+def _projected_inputs(ctx: TaskContext) -> dict[str, torch.Tensor]:
+    """The targets whose input statistics are gathered in the coordinates of their complement basis `R`
+    (`ResidualStatistics`), with those bases: every target of an input group (the targets an earlier pass saw fed one
+    tensor) stored by its complement, where their projected statistics cost no more per row than the one second moment
+    they would share. Every rank projects its own rows before the sum, so not with states sharded by layer."""
+    if ctx.owners is not None:
+        return {}
+    complements = _complements(ctx, ctx.layers)
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name, owner in ctx.tuner.keeplora_input_owners.items():
+        if name in ctx.layers:
+            groups[owner].append(name)
+    out = {}
+    for members in groups.values():
+        if all(name in complements for name in members):
+            d_in = complements[members[0]].shape[0]
+            cost = sum(ResidualStatistics.multiply_adds_per_row(d_in, complements[n].shape[1]) for n in members)
+            if cost <= FeatureStatistics.multiply_adds_per_row(d_in):
+                out |= {name: complements[name] for name in members}
+    return out
+
+
+def _check_finite(covariance: torch.Tensor | ResidualCovariance, name: str) -> None:
+    for part in covariance if isinstance(covariance, ResidualCovariance) else (covariance,):
+        check_finite(part, name, "feature covariance")
+
+
+def _summed_covariance(
+    statistic: FeatureStatistics | PositionMeanStatistics | ResidualStatistics,
+) -> torch.Tensor | ResidualCovariance:
+    """The statistic summed across data-parallel ranks: the second moment itself (or its projection and trace), or the
+    position-aligned sums (and batch counts) that the mean's `M^T M` is formed from."""
     if isinstance(statistic, FeatureStatistics):
         return all_reduce_sum_(statistic.covariance)
+    if isinstance(statistic, ResidualStatistics):
+        return ResidualCovariance(*(all_reduce_sum_(part) for part in statistic.covariance))
     if statistic.skipped:
         warnings.warn(
             f"activation_statistic='position_mean' left out {statistic.skipped} batch(es) whose row count differs from "
@@ -111,8 +161,10 @@ def _mean_gradient_covariances(
     task_index: int,
     loss_fn: LossFn,
     dtype: torch.dtype,
-) -> Mapping[str, torch.Tensor]:
-    """`G^T G` of each target's mean weight gradient `G` (the reference LLaVA memory statistic), from hooks.
+    coords: Mapping[str, torch.Tensor],
+) -> Mapping[str, torch.Tensor | ResidualCovariance]:
+    """`G^T G` of each target's mean weight gradient `G` (the reference LLaVA memory statistic), from hooks; for the
+    targets in `coords` (stored by that complement basis `R`), `R^T G^T G R` and its trace (`SketchCovariances`).
 
     Each target accumulates the co-range sketch `X = Psi G` (`memory_sketch_rows x d_in`, `Psi` with orthonormal rows,
     the identity once the rows reach `d_out`), so `X^T X = G^T Psi^T Psi G`: exactly `G^T G` when the sketch is exact,
@@ -140,19 +192,25 @@ def _mean_gradient_covariances(
     reduced = {}
     for name in layers:  # in module order: every rank must reduce the same tensors in the same order
         reduced[name] = check_finite(all_reduce_sum_(sketches.pop(name).sketch), name, "feature covariance")
-    return SketchCovariances(reduced, dtype)
+    return SketchCovariances(reduced, dtype, coords)
 
 
-class SketchCovariances(Mapping[str, torch.Tensor]):
+class SketchCovariances(Mapping[str, torch.Tensor | ResidualCovariance]):
     """`X^T X` of each target's summed sketch `X`, formed in `dtype` when asked for: one `d_in x d_in` matrix at a
-    time, never every target's at once (for LLaVA-1.5-7B's 224 targets that would be 28 GB in float32)."""
+    time, never every target's at once (for LLaVA-1.5-7B's 224 targets that would be 28 GB in float32). For a target
+    with a complement basis `R` in `coords`, only `(X R)^T (X R)` and `|X|^2` (`ResidualCovariance`): no `d_in x d_in`
+    matrix at all."""
 
-    def __init__(self, sketches: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-        self._sketches, self._dtype = sketches, dtype
+    def __init__(self, sketches: dict[str, torch.Tensor], dtype: torch.dtype, coords: Mapping[str, torch.Tensor]) -> None:
+        self._sketches, self._dtype, self._coords = sketches, dtype, coords
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def __getitem__(self, name: str) -> torch.Tensor | ResidualCovariance:
         sketch = self._sketches[name].to(self._dtype)
-        return sketch.T @ sketch
+        if name not in self._coords:
+            return sketch.T @ sketch
+        projected = sketch @ self._coords[name].to(self._dtype)
+        flat = sketch.reshape(-1)
+        return ResidualCovariance(projected.T @ projected, flat @ flat)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._sketches)

@@ -314,12 +314,14 @@ def input_feature_pass(
     *,
     description: str,
     stop_early: bool = True,
+    own_rows: frozenset[str] = frozenset(),
 ) -> tuple[int, dict[str, str]]:
     """Run each batch forward (through `loss_fn`, which knows how to call the model) and hand each target's input rows
     to `on_input`.
 
     Layers fed the very same tensor (q, k, v; gate, up) are seen once: the returned map sends each such layer to the
-    layer whose statistic it shares. Returns the batch count and that map.
+    layer whose statistic it shares. Layers in `own_rows` (whose statistics are their own, e.g. projected on their own
+    bases) always get the rows and are never shared with. Returns the batch count and that map.
 
     With `stop_early`, once the first batch has shown which target runs last, later batches stop their forward as soon
     as every target has seen its input: the head and the loss (for a LLaVA, the vocabulary projection) are skipped. A
@@ -334,7 +336,7 @@ def input_feature_pass(
     def register(name: str, module: LoraLayer) -> RemovableHandle:
         def hook(layer: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else kwargs["x"]
-            owner = last["owner"] if x is last["input"] else None
+            owner = last["owner"] if x is last["input"] and name not in own_rows else None
             if last["batch"] == 0 and owner is not None:
                 shared[name] = owner
             elif shared.get(name) != owner:
@@ -343,7 +345,8 @@ def input_feature_pass(
                     "KeepLoRA's feature statistics assume a fixed routing of inputs to target layers"
                 )
             if owner is None:
-                last["input"], last["owner"] = x, name
+                if name not in own_rows:
+                    last["input"], last["owner"] = x, name
                 on_input(name, x)
             last["seen"].add(name)
             last["calls"] += 1

@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from keeplora_hf.subspace import FeatureStatistics, Subspace, extend_memory, grow_memory, memory_directions, orthogonal_complement
+from keeplora_hf.subspace import (
+    FeatureStatistics,
+    ResidualCovariance,
+    ResidualStatistics,
+    Subspace,
+    extend_memory,
+    grow_memory,
+    memory_directions,
+    orthogonal_complement,
+)
 
 D = 6
 
@@ -124,6 +133,38 @@ def test_a_complement_stored_growth_gives_what_stays_unprotected(solver, decay, 
     derived = orthogonal_complement(torch.cat([q, new], dim=1))
     assert torch.allclose(remaining @ remaining.T, derived @ derived.T, atol=10 * tolerance)
     assert torch.equal(growth.directions, memory_directions(covariance, protected, 0.99, solver=solver, seed=1))
+
+
+@pytest.mark.parametrize("solver", ["eigh", "randomized"])
+def test_statistics_gathered_in_the_complement_coordinates_grow_the_same_memory(solver):
+    """`ResidualStatistics` over a complement basis R holds `R^T C R` and `trace(C)` of the rows it sees, and the memory
+    solve on it gives what it gives on the whole second moment."""
+    d, k = 300, 160
+    x = _features(d, 1.0, 6, tokens=900)
+    q = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(7), dtype=torch.float64))[0]
+    protected = Subspace.of(q)
+    coords = protected.complement_basis()
+    full, projected = FeatureStatistics(d), ResidualStatistics(coords, torch.float64)
+    for rows in x.split(128):
+        full.update(rows)
+        projected.update(rows.reshape(2, -1, d) if rows.shape[0] % 2 == 0 else rows)
+    residual = projected.covariance
+    assert projected.count == full.count == 900
+    assert torch.allclose(residual.matrix, coords.T @ full.covariance @ coords, rtol=1e-10, atol=1e-8)
+    assert torch.allclose(residual.total, torch.trace(full.covariance), rtol=1e-12)
+    a = grow_memory(full.covariance, protected, 0.99, solver=solver, seed=2)
+    b = grow_memory(residual, protected, 0.99, solver=solver, seed=2)
+    assert a.directions.shape == b.directions.shape and a.directions.shape[1] > 0
+    assert _span_equal(a.directions, b.directions) and _span_equal(a.remaining, b.remaining)
+
+
+def test_a_residual_covariance_needs_the_complement_it_was_gathered_in():
+    q = torch.linalg.qr(torch.randn(40, 10, dtype=torch.float64))[0]
+    residual = ResidualCovariance(torch.eye(30, dtype=torch.float64), torch.tensor(30.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="stored by its 30-column complement"):
+        grow_memory(residual, Subspace(q, complement=False), 0.99)
+    with pytest.raises(ValueError, match="shape \\(30, 30\\)"):
+        grow_memory(residual, Subspace.of(torch.linalg.qr(torch.randn(40, 25, dtype=torch.float64))[0]), 0.99)
 
 
 def test_float32_statistics_are_within_1e_6_of_float64():
