@@ -10,7 +10,9 @@ measures the one operation:
 - `begin_task_first`: KeepLoRA++'s first begin_task (principal bases + gradient estimate), default (sketch) config;
 - `begin_task_first_exact`: the same with `gradient_estimator="exact"` (full gradients of all targets held at once);
 - `begin_task_later`: a second task's begin_task (no principal extraction; the state of one finished task);
-- `end_task` / `end_task_exact`: end_task (feature statistics, memory update, merge) in the fast / exact config.
+- `end_task` / `end_task_exact`: end_task (feature statistics, memory update, merge) in the fast / exact config;
+- `end_task_later`: a second task's end_task (the state of one finished task: its complement-stored targets gather
+  their statistics in the complement's coordinates).
 
 The measure a GPU sees is `peak RSS - bare`, with `bare` the resident memory of a fresh interpreter that has imported
 torch and nothing else (`--scenario bare`): a GPU holds no interpreter, but the libraries transformers and peft load
@@ -38,6 +40,7 @@ SCENARIOS = (
     "begin_task_later",
     "end_task",
     "end_task_exact",
+    "end_task_later",
 )
 EXACT = {"gradient_estimator": "exact", "principal_solver": "svd", "memory_solver": "eigh"}
 
@@ -77,13 +80,18 @@ def scenario(name: str, model_name: str, statistics_batches: int, batch_size: in
             train_step(model, data[0], optimizer)
             result = peak_memory(lambda: train_step(model, data[1], optimizer))
         else:
-            if name in ("begin_task_later", "end_task", "end_task_exact"):
+            if name in ("begin_task_later", "end_task", "end_task_exact", "end_task_later"):
                 begin_task(model, stats)
                 optimizer = optimizer_for(model)
                 train_step(model, data[0], optimizer)
                 del optimizer
-            if name == "begin_task_later":
+            if name in ("begin_task_later", "end_task_later"):
                 end_task(model, stats)
+            if name == "end_task_later":
+                begin_task(model, stats)
+                optimizer = optimizer_for(model)
+                train_step(model, data[0], optimizer)
+                del optimizer
             with torch.no_grad():
                 model(**data[0])
             operation = end_task if name.startswith("end_task") else begin_task

@@ -158,7 +158,8 @@ def grow_memory(
     `R V` (`V` orthonormal coordinates: eigenvectors or Ritz vectors) are returned as the solver leaves them,
     orthonormal and orthogonal to `protected` to its precision, with `remaining = R V_rest` (`V_rest` the rest of the
     eigenvectors, or the complement of the Ritz vectors): a state stored that way keeps only `remaining`. Otherwise the
-    directions are projected and re-orthonormalised once more, as they are appended to a stored basis.
+    directions are projected and re-orthonormalised once more, as they are appended to a stored basis, and
+    `remaining` is given where it is narrower than the protected subspace grown by them (a state then switches to it).
     `covariance` may be that `R^T C R` already (`ResidualCovariance`, from `ResidualStatistics` over the same `R`).
     """
     if solver not in MEMORY_SOLVERS:
@@ -208,9 +209,12 @@ def grow_memory(
         vectors, rest = vectors[:, :count], vectors[:, count:]
     elif protected.complement:
         rest = orthogonal_complement(vectors)  # Ritz vectors are orthonormal coordinates too
-    if not protected.complement:
-        return MemoryGrowth(_cleaned(coords @ vectors, protected))
-    return MemoryGrowth(coords @ vectors, coords @ rest)
+    if protected.complement:
+        return MemoryGrowth(coords @ vectors, coords @ rest)
+    # a stored basis (only eigh gets here): the directions are appended to it, unless what stays unprotected is now the
+    # narrower basis, which a state then stores instead (`add_memory`)
+    remaining = coords @ rest if 2 * rest.shape[1] < d_in else None
+    return MemoryGrowth(_cleaned(coords @ vectors, protected), remaining)
 
 
 def _cleaned(directions: torch.Tensor, protected: Subspace) -> torch.Tensor:

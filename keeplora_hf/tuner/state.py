@@ -342,7 +342,7 @@ class KeepLoRALayerState(nn.Module):
         Switches to storing the complement once that is the narrower basis: of the memory (`keep_principal`), or of
         the whole protected subspace (the principal basis is then dropped, also by a state that kept it so far, and
         recomputed when asked for). `remaining`: where the memory solve gave it (`MemoryGrowth`), the complement of the
-        protected subspace with `new` added, taken as the new complement of a state stored that way.
+        protected subspace with `new` added, taken as the complement when one is stored.
         """
         self._require_held()
         self._subspace = None
@@ -365,8 +365,10 @@ class KeepLoRALayerState(nn.Module):
         p, m = self.principal_rank, memory.shape[1]
         left = self.d_in - p - m
         if (m if keep_principal else p + m) > left:
-            basis = torch.cat([self._principal.to(torch.float64), memory.to(torch.float64)], dim=1)
-            self.complement = orthogonal_complement(basis).to(dtype)
+            if remaining is None:
+                basis = torch.cat([self._principal.to(torch.float64), memory.to(torch.float64)], dim=1)
+                remaining = orthogonal_complement(basis)
+            self.complement = remaining.to(dtype)
             if keep_principal:
                 self._principal = self._principal.to(dtype)
             else:

@@ -136,6 +136,23 @@ def test_a_complement_stored_growth_gives_what_stays_unprotected(solver, decay, 
 
 
 @pytest.mark.parametrize("solver", ["eigh", "randomized"])
+def test_a_basis_stored_growth_gives_what_stays_unprotected_once_that_is_the_narrower(solver):
+    """Protected by its own basis (k < d/2): a flat spectrum needs many directions (the randomized solver falls back to
+    eigh); once what stays unprotected is the narrower basis it comes with them, as a state then stores it."""
+    d, k = 120, 50
+    covariance = (lambda x: x.T @ x)(_features(d, 0.0, 8))
+    q = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(9), dtype=torch.float64))[0]
+    protected = Subspace.of(q)
+    assert not protected.complement
+    growth = grow_memory(covariance, protected, 0.99, solver=solver, seed=1)
+    new, remaining = growth.directions, growth.remaining
+    assert 2 * remaining.shape[1] < d and new.shape[1] + remaining.shape[1] == d - k
+    both = torch.cat([q, new, remaining], dim=1)
+    assert (both.T @ both - torch.eye(d, dtype=torch.float64)).abs().max() < 1e-12
+    assert grow_memory(covariance, protected, 0.3, solver=solver, seed=1).remaining is None  # still the wider
+
+
+@pytest.mark.parametrize("solver", ["eigh", "randomized"])
 def test_statistics_gathered_in_the_complement_coordinates_grow_the_same_memory(solver):
     """`ResidualStatistics` over a complement basis R holds `R^T C R` and `trace(C)` of the rows it sees, and the memory
     solve on it gives what it gives on the whole second moment."""
