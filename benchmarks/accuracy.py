@@ -152,7 +152,7 @@ def layers(model_name: str, statistics_batches: int) -> dict:
         gradient_rows.append({"layer": name, "captured_ratio": captured(sketch_rows) / captured(exact_rows),
                               "exact_top_r_fraction": captured(exact_rows) / total})
     stats = {n: FeatureStatistics(m.get_base_layer().in_features) for n, m in targets.items()}
-    _, shared = input_feature_pass(model, targets, data, default_loss, lambda n, x: stats[n].update(x), description="")
+    _, shared = input_feature_pass(model, targets, data, default_loss, lambda names, x: stats[names[0]].update(x), description="")
     for index, name in enumerate(targets):
         covariance = stats[shared.get(name, name)].covariance
         protected = subspaces[name]

@@ -4,7 +4,6 @@ input activations, the task's mean weight gradient (through a co-range sketch), 
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -43,7 +42,8 @@ def feature_covariances(
     loss_fn: LossFn = default_loss,
     context: TaskContext | None = None,
 ) -> Mapping[str, torch.Tensor]:
-    """Each target's `d_in x d_in` feature statistic on the task's data, from which `end_task` grows the memory.
+    """Each target's `d_in x d_in` feature statistic on the task's data, from which `end_task` grows the memory; for a
+    target stored by its complement `R`, where it is cheaper, only `R^T C R` and `trace(C)` (`ResidualCovariance`).
 
     By `feature_source`: the second moment of the layer's inputs (`activations`; or, by `activation_statistic`, the
     reference CLIP code's `M^T M` of their position-aligned mean `M`); `G^T G` of the task's mean weight
@@ -61,23 +61,19 @@ def feature_covariances(
         coords = _complements(ctx, layers) if config.memory_solver == "randomized" else {}
         return _mean_gradient_covariances(network, layers, batches, config, task_index, loss_fn, dtype, coords)
     statistic = PositionMeanStatistics if config.activation_statistic == "position_mean" else FeatureStatistics
-    projected = (
-        _projected_inputs(ctx)
-        if statistic is FeatureStatistics and config.feature_source == "activations" and config.memory_solver == "randomized"
-        else {}
-    )
-    stats = {
-        name: ResidualStatistics(projected[name], dtype) if name in projected
-        else statistic(m.get_base_layer().in_features, m.get_base_layer().weight.device, dtype=dtype)
-        for name, m in layers.items()
-    }
     if config.feature_source == "activations":
-        count, shared = input_feature_pass(
-            network, layers, batches, loss_fn, lambda name, x: stats[name].update(x),
-            description="KeepLoRA feature memory", own_rows=frozenset(projected),
-        )
-        ctx.tuner.keeplora_input_owners.update({name: shared.get(name, name) for name in layers if name not in projected})
+        statistics = _InputStatistics(ctx, statistic, dtype)
+        count, _ = input_feature_pass(network, layers, batches, loss_fn, statistics.update, description="KeepLoRA feature memory")
+        for name in layers:  # a target the data never reached keeps an empty statistic: no memory grows from it
+            if name not in statistics.sources:
+                statistics.update((name,), None)
+        stats, sources = statistics.stats, statistics.sources
     else:
+        stats = {
+            name: statistic(m.get_base_layer().in_features, m.get_base_layer().weight.device, dtype=dtype)
+            for name, m in layers.items()
+        }
+        sources = {name: name for name in layers}
         count = weight_gradient_pass(
             network,
             layers,
@@ -86,44 +82,62 @@ def feature_covariances(
             lambda name, grad: stats[name].update_covariance(grad.to(dtype).T @ grad.to(dtype)),
             description="KeepLoRA feature memory",
         )
-        shared = {}
     if count == 0:
         raise no_batches_error("end_task")
-    sources = {name: shared.get(name, name) for name in layers}
-    for name, source in sources.items():  # in module order: every rank must reduce the same tensors in the same order
-        if source == name:
+    for name in layers:  # in module order: every rank must reduce the same tensors in the same order
+        if sources[name] == name:
             _check_finite(_summed_covariance(stats[name]), name)
-    return {name: stats[source].covariance for name, source in sources.items()}
+    return {name: stats[sources[name]].covariance for name in layers}
 
 
-def _complements(ctx: TaskContext, layers: Mapping[str, LoraLayer]) -> dict[str, torch.Tensor]:
-    """The complement basis `R` of each held target whose protected subspace is stored by it."""
+class _InputStatistics:
+    """The input statistics of the activations pass, chosen per group of targets fed one tensor when the group is first
+    seen: one second moment they share, or, where every target of the group is stored by its complement `R` and their
+    projected statistics cost no more per row than the shared one, each its own `ResidualStatistics` in `R`'s
+    coordinates (the memory solve then never forms `R^T C R`). A choice of this pass and this state alone, so a resumed
+    run makes the same one. Not with states sharded by layer: every rank projects its own rows before the sum."""
+
+    def __init__(self, ctx: TaskContext, statistic: type, dtype: torch.dtype) -> None:
+        self.ctx, self.statistic, self.dtype = ctx, statistic, dtype
+        self.stats: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}  # target -> the target whose statistic it feeds
+
+    def update(self, names: tuple[str, ...], x: torch.Tensor | None) -> None:
+        """Add the rows `x` fed to the targets `names` (None: only make their statistics)."""
+        if names[0] not in self.sources:
+            self._choose(names)
+        for name in dict.fromkeys(self.sources[n] for n in names):
+            if x is not None:
+                self.stats[name].update(x)
+
+    def _choose(self, names: tuple[str, ...]) -> None:
+        bases = self._residual_bases(names)
+        if bases:
+            self.stats |= {name: ResidualStatistics(bases[name], self.dtype) for name in names}
+            self.sources |= {name: name for name in names}
+            return
+        base = self.ctx.layers[names[0]].get_base_layer()
+        self.stats[names[0]] = self.statistic(base.in_features, base.weight.device, dtype=self.dtype)
+        self.sources |= {name: names[0] for name in names}
+
+    def _residual_bases(self, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        ctx = self.ctx
+        if self.statistic is not FeatureStatistics or ctx.config.memory_solver != "randomized" or ctx.owners is not None:
+            return {}
+        complements = _complements(ctx, names)
+        if len(complements) < len(names):
+            return {}
+        d_in = complements[names[0]].shape[0]
+        cost = sum(ResidualStatistics.multiply_adds_per_row(d_in, basis.shape[1]) for basis in complements.values())
+        return complements if cost <= FeatureStatistics.multiply_adds_per_row(d_in) else {}
+
+
+def _complements(ctx: TaskContext, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The complement basis `R` of each held target of `names` whose protected subspace is stored by it."""
     out = {}
-    for name in layers:
+    for name in names:
         if ctx.owns(name) and (subspace := ctx.state(name).subspace()).complement:
             out[name] = subspace.stored
-    return out
-
-
-def _projected_inputs(ctx: TaskContext) -> dict[str, torch.Tensor]:
-    """The targets whose input statistics are gathered in the coordinates of their complement basis `R`
-    (`ResidualStatistics`), with those bases: every target of an input group (the targets an earlier pass saw fed one
-    tensor) stored by its complement, where their projected statistics cost no more per row than the one second moment
-    they would share. Every rank projects its own rows before the sum, so not with states sharded by layer."""
-    if ctx.owners is not None:
-        return {}
-    complements = _complements(ctx, ctx.layers)
-    groups: dict[str, list[str]] = defaultdict(list)
-    for name, owner in ctx.tuner.keeplora_input_owners.items():
-        if name in ctx.layers:
-            groups[owner].append(name)
-    out = {}
-    for members in groups.values():
-        if all(name in complements for name in members):
-            d_in = complements[members[0]].shape[0]
-            cost = sum(ResidualStatistics.multiply_adds_per_row(d_in, complements[n].shape[1]) for n in members)
-            if cost <= FeatureStatistics.multiply_adds_per_row(d_in):
-                out |= {name: complements[name] for name in members}
     return out
 
 

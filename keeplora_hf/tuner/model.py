@@ -32,13 +32,9 @@ class KeepLoRAModel(LoraModel):
     prefix: str = "lora_"
     #: adapter -> where its task sequence stands (finished tasks, a task under way), saved with the adapter
     keeplora_progress: dict[str, TaskProgress]
-    #: target -> the first target seen fed the same input tensor in a feature pass (itself if none): which targets'
-    #: statistics are gathered together (q, k, v; gate, up); learned by the passes, not saved
-    keeplora_input_owners: dict[str, str]
 
     def __init__(self, model, config, adapter_name, **kwargs) -> None:
         self.__dict__["keeplora_progress"] = {}  # before BaseTuner.__init__ injects the first adapter
-        self.__dict__["keeplora_input_owners"] = {}
         super().__init__(model, config, adapter_name, **kwargs)
 
     def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):

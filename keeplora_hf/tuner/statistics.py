@@ -310,18 +310,17 @@ def input_feature_pass(
     layers: dict[str, LoraLayer],
     batches: Iterable[Any],
     loss_fn: LossFn,
-    on_input: Callable[[str, torch.Tensor], None],
+    on_input: Callable[[tuple[str, ...], torch.Tensor], None],
     *,
     description: str,
     stop_early: bool = True,
-    own_rows: frozenset[str] = frozenset(),
 ) -> tuple[int, dict[str, str]]:
-    """Run each batch forward (through `loss_fn`, which knows how to call the model) and hand each target's input rows
-    to `on_input`.
+    """Run each batch forward (through `loss_fn`, which knows how to call the model) and hand each distinct input
+    tensor to `on_input`, with the targets fed it (in call order: q, k, v share theirs; so do gate and up).
 
-    Layers fed the very same tensor (q, k, v; gate, up) are seen once: the returned map sends each such layer to the
-    layer whose statistic it shares. Layers in `own_rows` (whose statistics are their own, e.g. projected on their own
-    bases) always get the rows and are never shared with. Returns the batch count and that map.
+    A group is handed over once it is complete, when the next target is fed another tensor (or the batch's forward
+    ends), so the callback knows every target the rows feed; the tensor is held only until then. The returned map sends
+    each target that shares its input to the group's first target. Returns the batch count and that map.
 
     With `stop_early`, once the first batch has shown which target runs last, later batches stop their forward as soon
     as every target has seen its input: the head and the loss (for a LLaVA, the vocabulary projection) are skipped. A
@@ -330,13 +329,19 @@ def input_feature_pass(
     """
     shared: dict[str, str] = {}
     last: dict[str, Any] = {"input": None, "owner": None, "batch": 0, "seen": set(), "calls": 0, "final": None}
+    group: list[str] = []
     device = _model_device(model)
     was_training = model.training
+
+    def hand_over() -> None:
+        if group:
+            on_input(tuple(group), last["input"])
+            group.clear()
 
     def register(name: str, module: LoraLayer) -> RemovableHandle:
         def hook(layer: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else kwargs["x"]
-            owner = last["owner"] if x is last["input"] and name not in own_rows else None
+            owner = last["owner"] if x is last["input"] else None
             if last["batch"] == 0 and owner is not None:
                 shared[name] = owner
             elif shared.get(name) != owner:
@@ -345,9 +350,9 @@ def input_feature_pass(
                     "KeepLoRA's feature statistics assume a fixed routing of inputs to target layers"
                 )
             if owner is None:
-                if name not in own_rows:
-                    last["input"], last["owner"] = x, name
-                on_input(name, x)
+                hand_over()
+                last["input"], last["owner"] = x, name
+            group.append(name)
             last["seen"].add(name)
             last["calls"] += 1
             if last["batch"] == 0:
@@ -367,6 +372,7 @@ def input_feature_pass(
                         loss_fn(model, move_to(batch, device))
                     except _StopForward:
                         abandon_branch_calls()
+                    hand_over()
                     if last["batch"] == 0 and not (
                         stop_early and last["calls"] == len(layers) == len(last["seen"]) and _early_exit_is_safe(model)
                     ):
@@ -375,6 +381,7 @@ def input_feature_pass(
                     last["batch"] += 1
                     count += 1
     finally:
+        group.clear()
         model.train(was_training)
     return count, shared
 

@@ -85,7 +85,7 @@ def test_feature_pass_stops_before_the_head():
     layers = {n: m for n, m in model.named_modules() if hasattr(m, "keeplora_state")}
     batches = _batches()
     spent = {
-        stop: _flops(lambda stop=stop: input_feature_pass(model, layers, batches, loss_fn, lambda n, x: None,
+        stop: _flops(lambda stop=stop: input_feature_pass(model, layers, batches, loss_fn, lambda names, x: None,
                                                           description="", stop_early=stop))
         for stop in (False, True)
     }

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import keeplora_hf.tuner.feature_memory as feature_memory
+import keeplora_hf.tuner.lifecycle as lifecycle
 from keeplora_hf import begin_task, end_task
-from keeplora_hf.tuner.context import task_context
+from keeplora_hf.subspace import ResidualCovariance, grow_memory
 from keeplora_hf.tuner.layer import layer_state
 
 from keeplora_setups import learn, targets, wrap
@@ -18,27 +19,31 @@ _TASKS = ((0, 1), (1, 2), (2, 0))
 
 
 def _run(feature_source: str, dtype: torch.dtype, projected: bool, monkeypatch) -> tuple[list[dict], int]:
+    """Three tasks; the number of memory solves that took a statistic gathered in coordinates."""
+    solves = []
+
+    def counting_grow_memory(covariance, *args, **kwargs):
+        solves.append(isinstance(covariance, ResidualCovariance))
+        return grow_memory(covariance, *args, **kwargs)
+
     with monkeypatch.context() as patch:
+        patch.setattr(lifecycle, "grow_memory", counting_grow_memory)
         if not projected:
-            patch.setattr(feature_memory, "_projected_inputs", lambda ctx: {})
-            patch.setattr(feature_memory, "_complements", lambda ctx, layers: {})
+            patch.setattr(feature_memory._InputStatistics, "_residual_bases", lambda self, names: {})
+            patch.setattr(feature_memory, "_complements", lambda ctx, names: {})
         torch.manual_seed(0)
         model, batches, _ = wrap("llava", dtype=dtype, feature_source=feature_source)
-        states, in_coordinates = [], 0
+        states = []
         for picks in _TASKS:
             task = [batches[i] for i in picks]
             begin_task(model, task)
             learn(model, task)
-            ctx = task_context(model)
-            if feature_source == "activations":
-                in_coordinates += len(feature_memory._projected_inputs(ctx))
-            else:
-                in_coordinates += len(feature_memory._complements(ctx, ctx.layers))
             end_task(model, task)
-            states.append({name: layer_state(m, "default") for name, m in targets(model).items()})
-            states[-1] = {name: (s.memory_rank, s.complement.double().clone() if s.complement is not None else None)
-                          for name, s in states[-1].items()}
-    return states, in_coordinates
+            states.append({
+                name: (s.memory_rank, None if s.complement is None else s.complement.double().clone())
+                for name, s in ((n, layer_state(m, "default")) for n, m in targets(model).items())
+            })
+    return states, sum(solves)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

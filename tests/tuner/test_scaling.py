@@ -84,16 +84,22 @@ def test_feature_pass_stops_after_the_last_target_and_gathers_the_same_statistic
         calls = []
         handle = head.register_forward_hook(lambda *_: calls.append(1))
         stats: dict[str, torch.Tensor] = {}
+        groups: list[tuple[str, ...]] = []
 
-        def on_input(name, x):
+        def on_input(names, x):
             rows = x.reshape(-1, x.shape[-1]).double()
-            stats[name] = stats.get(name, 0) + rows.T @ rows
+            stats[names[0]] = stats.get(names[0], 0) + rows.T @ rows
+            groups.append(names)
 
         count, shared = input_feature_pass(model, layers, batches, default_loss, on_input, description="",
                                            stop_early=stop_early)
         handle.remove()
         runs[stop_early] = (stats, shared, len(calls))
         assert count == len(batches)
+        # each tensor is handed over once, with every target it feeds: the group's first and those sharing it
+        assert len(groups) == count * len(set(layers) - set(shared))
+        assert all(shared.get(name) == names[0] for names in groups for name in names[1:])
+        assert all(len(names) == 1 + sum(owner == names[0] for owner in shared.values()) for names in groups)
     assert runs[False][2] == len(batches) and runs[True][2] == 1  # only the first batch ran the head
     assert runs[True][1] == runs[False][1]
     assert all(torch.equal(runs[True][0][n], runs[False][0][n]) for n in runs[False][0])
