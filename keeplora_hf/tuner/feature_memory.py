@@ -62,7 +62,10 @@ def feature_covariances(
         return _mean_gradient_covariances(network, layers, batches, config, task_index, loss_fn, dtype, coords)
     statistic = PositionMeanStatistics if config.activation_statistic == "position_mean" else FeatureStatistics
     if config.feature_source == "activations":
-        statistics = _InputStatistics(ctx, statistic, dtype)
+        # the bases are looked up here, not in the forward's hooks (where ZeRO-3 traces every parameter fetch); every rank
+        # projects its own rows before the sum, so not with states sharded by layer
+        projectable = statistic is FeatureStatistics and config.memory_solver == "randomized" and ctx.owners is None
+        statistics = _InputStatistics(layers, statistic, dtype, _complements(ctx, layers) if projectable else {})
         count, _ = input_feature_pass(network, layers, batches, loss_fn, statistics.update, description="KeepLoRA feature memory")
         for name in layers:  # a target the data never reached keeps an empty statistic: no memory grows from it
             if name not in statistics.sources:
@@ -92,13 +95,16 @@ def feature_covariances(
 
 class _InputStatistics:
     """The input statistics of the activations pass, chosen per group of targets fed one tensor when the group is first
-    seen: one second moment they share, or, where every target of the group is stored by its complement `R` and their
-    projected statistics cost no more per row than the shared one, each its own `ResidualStatistics` in `R`'s
-    coordinates (the memory solve then never forms `R^T C R`). A choice of this pass and this state alone, so a resumed
-    run makes the same one. Not with states sharded by layer: every rank projects its own rows before the sum."""
+    seen: one second moment they share, or, where every target of the group is stored by its complement `R` (in
+    `complements`) and their projected statistics cost no more per row than the shared one, each its own
+    `ResidualStatistics` in `R`'s coordinates (the memory solve then never forms `R^T C R`). A choice of this pass and
+    this state alone, so a resumed run makes the same one."""
 
-    def __init__(self, ctx: TaskContext, statistic: type, dtype: torch.dtype) -> None:
-        self.ctx, self.statistic, self.dtype = ctx, statistic, dtype
+    def __init__(self, layers: Mapping[str, LoraLayer], statistic: type, dtype: torch.dtype,
+                 complements: Mapping[str, torch.Tensor]) -> None:
+        self.statistic, self.dtype, self.complements = statistic, dtype, complements
+        # read here, before the forward: under ZeRO-3 a weight touched in a hook upsets the parameter fetch trace
+        self.inputs = {name: (m.get_base_layer().in_features, m.get_base_layer().weight.device) for name, m in layers.items()}
         self.stats: dict[str, Any] = {}
         self.sources: dict[str, str] = {}  # target -> the target whose statistic it feeds
 
@@ -111,25 +117,17 @@ class _InputStatistics:
                 self.stats[name].update(x)
 
     def _choose(self, names: tuple[str, ...]) -> None:
-        bases = self._residual_bases(names)
-        if bases:
-            self.stats |= {name: ResidualStatistics(bases[name], self.dtype) for name in names}
-            self.sources |= {name: name for name in names}
-            return
-        base = self.ctx.layers[names[0]].get_base_layer()
-        self.stats[names[0]] = self.statistic(base.in_features, base.weight.device, dtype=self.dtype)
+        if all(name in self.complements for name in names):
+            d_in = self.complements[names[0]].shape[0]
+            widths = [self.complements[name].shape[1] for name in names]
+            cost = sum(ResidualStatistics.multiply_adds_per_row(d_in, width) for width in widths)
+            if cost <= FeatureStatistics.multiply_adds_per_row(d_in):
+                self.stats |= {name: ResidualStatistics(self.complements[name], self.dtype) for name in names}
+                self.sources |= {name: name for name in names}
+                return
+        d_in, device = self.inputs[names[0]]
+        self.stats[names[0]] = self.statistic(d_in, device, dtype=self.dtype)
         self.sources |= {name: names[0] for name in names}
-
-    def _residual_bases(self, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        ctx = self.ctx
-        if self.statistic is not FeatureStatistics or ctx.config.memory_solver != "randomized" or ctx.owners is not None:
-            return {}
-        complements = _complements(ctx, names)
-        if len(complements) < len(names):
-            return {}
-        d_in = complements[names[0]].shape[0]
-        cost = sum(ResidualStatistics.multiply_adds_per_row(d_in, basis.shape[1]) for basis in complements.values())
-        return complements if cost <= FeatureStatistics.multiply_adds_per_row(d_in) else {}
 
 
 def _complements(ctx: TaskContext, names: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -29,7 +29,6 @@ def _run(feature_source: str, dtype: torch.dtype, projected: bool, monkeypatch) 
     with monkeypatch.context() as patch:
         patch.setattr(lifecycle, "grow_memory", counting_grow_memory)
         if not projected:
-            patch.setattr(feature_memory._InputStatistics, "_residual_bases", lambda self, names: {})
             patch.setattr(feature_memory, "_complements", lambda ctx, names: {})
         torch.manual_seed(0)
         model, batches, _ = wrap("llava", dtype=dtype, feature_source=feature_source)
