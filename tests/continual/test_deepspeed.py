@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file
 
 from adapter_updates import task_updates
-from test_resume import SCRIPT, matrix
+from test_resume import SCRIPT, matrix, residuals
 
 pytestmark = pytest.mark.slow
 
@@ -38,11 +38,6 @@ RESIDUAL_TOLERANCE = 1e-5
 def run(out: Path, *extra: str, processes: int = 2) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
     return subprocess.run([*launcher, str(SCRIPT), str(out), *extra], capture_output=True, text=True, timeout=900)
-
-
-def residuals(result: subprocess.CompletedProcess) -> list[float]:
-    # the ranks' lines interleave with each other's and the Trainer's output: take the number only
-    return [float(value) for value in re.findall(r"RESIDUAL \d+ (\d+(?:\.\d+)?(?:e[-+]\d+)?)", result.stdout)]
 
 
 def assert_close(found: list, reference: list, tolerance: float) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from test_resume import residuals
+
 SCRIPT = Path(__file__).with_name("fsdp_sequence.py")
 # stated tolerances: every accuracy within one eval sample (1/16); A P = 0 to float32 rounding; every task update within
 # 1e-3 relative on a float32 base. The ranks sum the statistics in another order than one process does; on a bfloat16
@@ -33,8 +35,7 @@ def finished(result: subprocess.CompletedProcess) -> tuple[list, list[float]]:
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     matrix = json.loads(next(line for line in lines if line.startswith("MATRIX ")).removeprefix("MATRIX "))
-    residuals = [float(value) for value in re.findall(r"RESIDUAL \d+ (\S+?)(?=RESIDUAL|\s|$)", result.stdout)]  # ranks interleave
-    return matrix, residuals
+    return matrix, residuals(result)
 
 
 _SINGLE: dict[str, tuple[Path, list]] = {}

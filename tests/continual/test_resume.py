@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,12 @@ SCRIPT = Path(__file__).with_name("run_toy.py")
 
 def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), str(out), *extra], capture_output=True, text=True, timeout=600)
+
+
+def residuals(result: subprocess.CompletedProcess) -> list[float]:
+    """Every rank's `RESIDUAL <rank> <value>`. The ranks' lines interleave with each other's and the Trainer's output,
+    so a value may run into the next rank's word: take the number only."""
+    return [float(value) for value in re.findall(r"RESIDUAL \d+ (\d+(?:\.\d+)?(?:e[-+]?\d+)?)", result.stdout)]
 
 
 def matrix(result: subprocess.CompletedProcess) -> list:
