@@ -80,18 +80,17 @@ def scenario(name: str, model_name: str, statistics_batches: int, batch_size: in
             train_step(model, data[0], optimizer)
             result = peak_memory(lambda: train_step(model, data[1], optimizer))
         else:
-            if name in ("begin_task_later", "end_task", "end_task_exact", "end_task_later"):
+
+            def task_trained() -> None:  # a task begun and trained one step, its optimizer dropped
                 begin_task(model, stats)
-                optimizer = optimizer_for(model)
-                train_step(model, data[0], optimizer)
-                del optimizer
+                train_step(model, data[0], optimizer_for(model))
+
+            if name in ("begin_task_later", "end_task", "end_task_exact", "end_task_later"):
+                task_trained()
             if name in ("begin_task_later", "end_task_later"):
                 end_task(model, stats)
             if name == "end_task_later":
-                begin_task(model, stats)
-                optimizer = optimizer_for(model)
-                train_step(model, data[0], optimizer)
-                del optimizer
+                task_trained()
             with torch.no_grad():
                 model(**data[0])
             operation = end_task if name.startswith("end_task") else begin_task

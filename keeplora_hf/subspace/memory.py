@@ -207,8 +207,8 @@ def grow_memory(
         values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
         count = energy_rank(values, float(min(needed / values.sum().clamp_min(torch.finfo(dtype).tiny), 1.0)))
         vectors, rest = vectors[:, :count], vectors[:, count:]
-    elif protected.complement:
-        rest = orthogonal_complement(vectors)  # Ritz vectors are orthonormal coordinates too
+    else:  # Ritz vectors (only where `protected` is stored by its complement): orthonormal coordinates too
+        rest = orthogonal_complement(vectors)
     if protected.complement:
         return MemoryGrowth(coords @ vectors, coords @ rest)
     # a stored basis (only eigh gets here): the directions are appended to it, unless what stays unprotected is now the

@@ -67,9 +67,7 @@ def feature_covariances(
         projectable = statistic is FeatureStatistics and config.memory_solver == "randomized" and ctx.owners is None
         statistics = _InputStatistics(layers, statistic, dtype, _complements(ctx, layers) if projectable else {})
         count, _ = input_feature_pass(network, layers, batches, loss_fn, statistics.update, description="KeepLoRA feature memory")
-        for name in layers:  # a target the data never reached keeps an empty statistic: no memory grows from it
-            if name not in statistics.sources:
-                statistics.update((name,), None)
+        statistics.cover(layers)
         stats, sources = statistics.stats, statistics.sources
     else:
         stats = {
@@ -108,13 +106,18 @@ class _InputStatistics:
         self.stats: dict[str, Any] = {}
         self.sources: dict[str, str] = {}  # target -> the target whose statistic it feeds
 
-    def update(self, names: tuple[str, ...], x: torch.Tensor | None) -> None:
-        """Add the rows `x` fed to the targets `names` (None: only make their statistics)."""
+    def update(self, names: tuple[str, ...], x: torch.Tensor) -> None:
+        """Add the rows `x` fed to the targets `names`."""
         if names[0] not in self.sources:
             self._choose(names)
         for name in dict.fromkeys(self.sources[n] for n in names):
-            if x is not None:
-                self.stats[name].update(x)
+            self.stats[name].update(x)
+
+    def cover(self, names: Iterable[str]) -> None:
+        """Give a target the data never reached an empty statistic of its own: no memory grows from it."""
+        for name in names:
+            if name not in self.sources:
+                self._choose((name,))
 
     def _choose(self, names: tuple[str, ...]) -> None:
         if all(name in self.complements for name in names):
@@ -220,9 +223,9 @@ class SketchCovariances(Mapping[str, torch.Tensor | ResidualCovariance]):
         sketch = self._sketches[name].to(self._dtype)
         if name not in self._coords:
             return sketch.T @ sketch
-        projected = sketch @ self._coords[name].to(self._dtype)
-        flat = sketch.reshape(-1)
-        return ResidualCovariance(projected.T @ projected, flat @ flat)
+        statistics = ResidualStatistics(self._coords[name], self._dtype)
+        statistics.update(sketch)
+        return statistics.covariance
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._sketches)

@@ -94,14 +94,15 @@ class _SplitBranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, output, lora_A, lora_B, dtype, scaling):  # noqa: ANN001, ANN205
-        halves, _ = split_factors(lora_A, lora_B, dtype)
+        halves, lora_B16 = split_factors(lora_A, lora_B, dtype)
         rank = lora_A.shape[0]
         both = F.linear(x.to(dtype), halves)
         inner = (both[..., :rank].to(lora_A.dtype) + both[..., rank:]).to(output.dtype)
         ctx.save_for_backward(lora_A, lora_B)  # the state's own tensors: nothing new is kept
         ctx.dtype, ctx.scaling, ctx.x_dtype = dtype, scaling, x.dtype
         flat = output.reshape(-1, output.shape[-1])
-        summed = torch.addmm(flat, inner.reshape(-1, rank), lora_B.to(output.dtype).T, alpha=scaling)
+        second = lora_B16 if output.dtype == dtype else lora_B.to(output.dtype)
+        summed = torch.addmm(flat, inner.reshape(-1, rank), second.T, alpha=scaling)
         return summed.view(output.shape)
 
     @staticmethod

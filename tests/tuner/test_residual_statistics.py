@@ -18,7 +18,7 @@ from keeplora_setups import learn, targets, wrap
 _TASKS = ((0, 1), (1, 2), (2, 0))
 
 
-def _run(feature_source: str, dtype: torch.dtype, projected: bool, monkeypatch) -> tuple[list[dict], int]:
+def _run(feature_source: str, dtype: torch.dtype, device: str, projected: bool, monkeypatch) -> tuple[list[dict], int]:
     """Three tasks; the number of memory solves that took a statistic gathered in coordinates."""
     solves = []
 
@@ -31,7 +31,7 @@ def _run(feature_source: str, dtype: torch.dtype, projected: bool, monkeypatch) 
         if not projected:
             patch.setattr(feature_memory, "_complements", lambda ctx, names: {})
         torch.manual_seed(0)
-        model, batches, _ = wrap("llava", dtype=dtype, feature_source=feature_source)
+        model, batches, _ = wrap("llava", dtype=dtype, device=device, feature_source=feature_source)
         states = []
         for picks in _TASKS:
             task = [batches[i] for i in picks]
@@ -39,7 +39,7 @@ def _run(feature_source: str, dtype: torch.dtype, projected: bool, monkeypatch) 
             learn(model, task)
             end_task(model, task)
             states.append({
-                name: (s.memory_rank, None if s.complement is None else s.complement.double().clone())
+                name: (s.memory_rank, None if s.complement is None else s.complement.double().cpu())
                 for name, s in ((n, layer_state(m, "default")) for n, m in targets(model).items())
             })
     return states, sum(solves)
@@ -48,10 +48,10 @@ def _run(feature_source: str, dtype: torch.dtype, projected: bool, monkeypatch) 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("feature_source", ["activations", "mean_gradient"])
 def test_statistics_in_the_complement_coordinates_grow_the_memory_the_whole_statistic_grows(
-    feature_source, dtype, monkeypatch
+    feature_source, dtype, device, monkeypatch
 ):
-    fast, used = _run(feature_source, dtype, True, monkeypatch)
-    whole, unused = _run(feature_source, dtype, False, monkeypatch)
+    fast, used = _run(feature_source, dtype, device, True, monkeypatch)
+    whole, unused = _run(feature_source, dtype, device, False, monkeypatch)
     assert used > 0 and unused == 0  # the second and third tasks gathered some targets' statistics in coordinates
     # float32 bases: the float32 rounding of the two ways of forming R^T C R; a bfloat16 base keeps its bases in
     # float16 (state_dtype="auto"), whose rounding the second way meets once more (docs/performance.md)
